@@ -1,0 +1,160 @@
+"""MLP neuron activation rates on real tokens and on random inputs, and MLP output norms on random inputs.
+
+Definition (``/work/shared/research/residual-stream-norms-grow-exponentially.txt``, "Analyzing the MLP
+weights" and Appendix 3): the *activation rate* of layer ``l`` is the fraction of MLP hidden
+pre-activations (``blocks.{l}.mlp.hook_pre``) that are > 0,
+
+    rate[l] = #{(b, p, i) : pre[l][b, p, i] > 0} / (#real positions * d_mlp),
+
+measured
+
+* on real tokens, over the positions that enter every statistic (position 0 and padding excluded), and
+* on random, layer-independent inputs: ``n_random`` Gaussian vectors of size d_model, each shifted and
+  scaled to mean 0 and variance 1 (the write-up's "we draw input vectors from a Normal distribution, and
+  normalize them to mean 0 and variance 1. We feed these vectors into the MLP"), pushed through the MLP
+  sublayer *including its norm*, ``mlp(ln2(x))``. The same inputs feed every layer.
+
+On the random inputs the probe also reports the mean L2 norm of the MLP output, ``mean_x ||mlp(ln2(x))||``,
+the write-up's test of whether the MLP weights alone make outputs grow with depth.
+
+Gated MLPs (SwiGLU / GeGLU): ``mlp.hook_pre`` is the *gate* pre-activation, and the rates are reported
+as ``mlp_gate_rate/...`` instead of ``mlp_act_rate/...`` so they are not mistaken for the rate of a plain
+MLP's neurons. Attention-only models have no MLP: the probe returns an empty result with a ``note``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from residual_dynamics.probes.common import Record, n_layers, position_mask
+
+
+@dataclass
+class ActivationRates:
+    """Result of :func:`activation_rates`. Tensors are float32 on the host, [n_layers] each
+    ([0] when the model has no MLP).
+
+    token_rate:      fraction of mlp.hook_pre entries > 0 on real tokens.
+    random_rate:     the same on the normalized Gaussian inputs.
+    random_out_norm: mean L2 norm of ``mlp(ln2(x))`` on those inputs.
+    gated:           True when hook_pre is a gate pre-activation (record names say ``mlp_gate_rate``).
+    n_positions:     number of real (prompt, position) pairs behind ``token_rate``.
+    n_random:        number of random inputs.
+    note:            why the result is empty, else "".
+    """
+
+    token_rate: torch.Tensor
+    random_rate: torch.Tensor
+    random_out_norm: torch.Tensor
+    gated: bool
+    n_positions: int
+    n_random: int
+    note: str = ""
+
+    @property
+    def rate_name(self) -> str:
+        return "mlp_gate_rate" if self.gated else "mlp_act_rate"
+
+    def records(self) -> list[Record]:
+        series = {
+            f"{self.rate_name}/tokens": self.token_rate,
+            f"{self.rate_name}/random": self.random_rate,
+            "mlp_out_norm/random": self.random_out_norm,
+        }
+        return [
+            Record(name, float(value), layer=layer)
+            for name, per_layer in series.items()
+            for layer, value in enumerate(per_layer.tolist())
+        ]
+
+
+def normalized_gaussian_inputs(n: int, d_model: int, seed: int = 0) -> torch.Tensor:
+    """[n, d_model] float32 CPU tensor of Gaussian vectors, each shifted and scaled to mean 0 and
+    (population) variance 1, so each has L2 norm sqrt(d_model). Drawn from a private generator: the
+    same ``seed`` gives the same inputs on every device, and the global RNG is left alone."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_model, generator=generator, dtype=torch.float64)
+    x = x - x.mean(dim=-1, keepdim=True)
+    return (x / x.pow(2).mean(dim=-1, keepdim=True).sqrt()).float()
+
+
+@torch.no_grad()
+def activation_rates(
+    bridge,
+    tokens: torch.Tensor,
+    *,
+    attention_mask: Optional[torch.Tensor] = None,
+    n_random: int = 256,
+    seed: int = 0,
+) -> ActivationRates:
+    """MLP activation rates on ``tokens`` and on ``n_random`` normalized Gaussian inputs (seeded by
+    ``seed``), and the MLP output norms on the latter.
+
+    tokens:         [batch, pos] token ids.
+    attention_mask: optional [batch, pos], 1 = real token; passed to the forward, padding excluded.
+    """
+    count = n_layers(bridge)
+    gated = bool(getattr(bridge.cfg, "gated_mlp", False))
+    pre_hooks = [f"blocks.{layer}.mlp.hook_pre" for layer in range(count)]
+    if getattr(bridge.cfg, "attn_only", False) or any(name not in bridge.hook_dict for name in pre_hooks):
+        empty = torch.zeros(0)
+        return ActivationRates(
+            token_rate=empty,
+            random_rate=empty,
+            random_out_norm=empty,
+            gated=gated,
+            n_positions=0,
+            n_random=0,
+            note="no MLP sublayers (attention-only model, no blocks.*.mlp.hook_pre): no activation rates",
+        )
+    mask = position_mask(tokens, attention_mask)
+
+    # (a) Real tokens: count positive pre-activations on real positions inside the hook.
+    token_rates: list[Optional[torch.Tensor]] = [None] * count
+
+    def token_hook(layer: int):
+        def measure(pre: torch.Tensor, hook) -> None:
+            real = mask.to(pre.device)
+            positive = ((pre > 0) & real[..., None]).sum()
+            token_rates[layer] = positive / (real.sum() * pre.shape[-1])
+
+        return measure
+
+    forward_kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    token_hooks = [(name, token_hook(layer)) for layer, name in enumerate(pre_hooks)]
+    bridge.run_with_hooks(tokens, fwd_hooks=token_hooks, return_type=None, **forward_kwargs)
+
+    # (b, c) Random inputs through ln2 then the MLP of every block, hook_pre captured the same way.
+    random_rates: list[Optional[torch.Tensor]] = [None] * count
+
+    def random_hook(layer: int):
+        def measure(pre: torch.Tensor, hook) -> None:
+            random_rates[layer] = (pre > 0).sum() / pre.numel()
+
+        return measure
+
+    blocks = [bridge.blocks[layer] for layer in range(count)]
+    reference = next(blocks[0].mlp.parameters())
+    x = normalized_gaussian_inputs(n_random, int(bridge.cfg.d_model), seed)
+    x = x.to(device=reference.device, dtype=reference.dtype)[None]  # [1, n_random, d_model]
+    out_norms = []
+    with bridge.hooks(fwd_hooks=[(name, random_hook(layer)) for layer, name in enumerate(pre_hooks)]):
+        for block in blocks:
+            out = block.mlp(block.ln2(x))
+            stat_dtype = torch.promote_types(out.dtype, torch.float32)
+            out_norms.append(torch.linalg.vector_norm(out, dim=-1, dtype=stat_dtype).mean())
+
+    token_rate, random_rate, random_out_norm = (
+        torch.stack(values).float().cpu() for values in (token_rates, random_rates, out_norms)
+    )
+    return ActivationRates(
+        token_rate=token_rate,
+        random_rate=random_rate,
+        random_out_norm=random_out_norm,
+        gated=gated,
+        n_positions=int(mask.sum()),
+        n_random=n_random,
+    )
