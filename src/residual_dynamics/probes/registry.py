@@ -1,0 +1,56 @@
+"""Which probes exist, and running the enabled ones with their configured options.
+
+``conf/probes/<name>.yaml`` has one section per probe: ``enabled`` plus keyword options passed to the
+probe function as they are. The callback (trained models) and ``residual_dynamics.probe`` (pretrained
+models) both call :func:`run_probes`, so both produce the same results and the same metric keys.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from residual_dynamics.errors import ConfigError
+
+
+PROBE_NAMES = ("residual_norms", "weight_norms", "activation_rates", "layer_horizon", "cleanup")
+
+
+def probe_function(name: str) -> Callable:
+    """The probe function ``name``, found in the module of the same name (imported on first use)."""
+    import importlib
+
+    return getattr(importlib.import_module(f"residual_dynamics.probes.{name}"), name)
+
+
+_NOT_OPTIONS = {"enabled"}
+
+
+def enabled_probes(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{probe name: options} of the enabled probes, validated against each function's signature."""
+    out = {}
+    for name in PROBE_NAMES:
+        section = cfg.get(name)
+        if section is None or not section.get("enabled", False):
+            continue
+        options = {k: (list(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "ListConfig" else v)
+                   for k, v in dict(section).items() if k not in _NOT_OPTIONS}
+        accepted = inspect.signature(probe_function(name)).parameters
+        for key in options:
+            if key not in accepted or key in ("bridge", "tokens", "attention_mask"):
+                raise ConfigError(f"probes.{name}.{key}",
+                                  f"not an option of {name}(); options: "
+                                  f"{[p for p in accepted if p not in ('bridge', 'tokens', 'attention_mask')]}")
+        out[name] = options
+    return out
+
+
+def run_probes(bridge, tokens: torch.Tensor, probes: Mapping[str, Mapping[str, Any]],
+               attention_mask: Optional[torch.Tensor] = None) -> dict[str, Any]:
+    """Run each probe in ``probes`` (from :func:`enabled_probes`) and return {name: result}."""
+    return {
+        name: probe_function(name)(bridge, tokens, attention_mask=attention_mask, **options)
+        for name, options in probes.items()
+    }

@@ -1,0 +1,117 @@
+"""W&B mode resolution and the probe reporter shared by training and pretrained runs.
+
+``logger.mode: auto`` (the default) runs W&B online when an API key or a ``wandb login`` is present and
+offline otherwise; offline runs land in ``<run_dir>/wandb/offline-run-*`` and can be uploaded later with
+``wandb sync <that dir>``. ``WANDB_MODE`` in the environment wins over the config.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from residual_dynamics import figures
+from residual_dynamics.results import RESULTS_FILE, ResultsFile, rows, scalars
+
+STEP_KEY = "trainer/global_step"  # Lightning's WandbLogger x-axis; pretrained runs use it too
+MODES = ("auto", "online", "offline", "disabled")
+
+
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        auth = netrc.netrc().authenticators("api.wandb.ai")
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return bool(auth and auth[2])
+
+
+def resolve_wandb_mode(mode: str = "auto") -> str:
+    """online / offline / disabled. Never online without credentials, so nothing hangs on a login."""
+    env = os.environ.get("WANDB_MODE")
+    if env in ("online", "offline", "disabled"):
+        mode = env
+    elif env == "dryrun":
+        mode = "offline"
+    if mode not in MODES:
+        from residual_dynamics.errors import ConfigError
+
+        raise ConfigError("logger.mode", f"must be one of {MODES}, got {mode!r}")
+    if mode == "auto":
+        return "online" if _has_wandb_credentials() else "offline"
+    return mode
+
+
+class ProbeReporter:
+    """Sends probe results to every sink at a step.
+
+    - W&B (when a run is given): one scalar per record against ``trainer/global_step``, a table of the
+      per-layer residual norms with a norm-vs-layer line plot, and the PNG figures as images;
+    - the local results file ``<run_dir>/results.jsonl``;
+    - PNG figures in ``<run_dir>/figures/`` redrawn from the results file.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, wandb_run=None, meta: Optional[Mapping[str, Any]] = None,
+                 pretrained: bool = False):
+        self.run_dir = Path(run_dir)
+        self.results = ResultsFile(self.run_dir / RESULTS_FILE)
+        self.wandb_run = wandb_run
+        self.meta = dict(meta or {})
+        self.pretrained = pretrained
+
+    def report(self, results: Mapping[str, Any], step: int) -> dict[str, Path]:
+        self.results.append(rows(results, step, self.meta))
+        pngs = self.draw()
+        if self.wandb_run is not None:
+            self._log_wandb(results, step, pngs)
+        return pngs
+
+    def draw(self) -> dict[str, Path]:
+        history = self.results.read()
+        out_dir = self.run_dir / "figures"
+        drawn = {
+            "norm_vs_layer": figures.norm_vs_layer(history, out_dir / "norm_vs_layer.png"),
+            "layer_step_heatmap": None if self.pretrained else figures.layer_step_heatmap(
+                history, out_dir / "layer_step_heatmap.png"),
+            "growth_curve": figures.growth_curve(history, out_dir / "growth_curve.png"),
+            "W_OV": figures.head_norms(history, out_dir / "W_OV_norms.png"),
+        }
+        return {name: path for name, path in drawn.items() if path is not None}
+
+    def _log_wandb(self, results: Mapping[str, Any], step: int, pngs: Mapping[str, Path]) -> None:
+        import wandb
+
+        payload: dict[str, Any] = dict(scalars(results))
+        table = _norm_table(payload)
+        if table is not None:
+            payload["probe_tables/resid_norm_vs_layer"] = table
+            payload["probe_tables/resid_norm_vs_layer_plot"] = wandb.plot.line(
+                table, "layer", "resid_post", title=f"residual norm vs layer (step {step})")
+        for name, path in pngs.items():
+            payload[f"probe_figures/{name}"] = wandb.Image(str(path))
+        payload[STEP_KEY] = step
+        self.wandb_run.log(payload)
+
+
+def _norm_table(payload: Mapping[str, float]):
+    """A W&B table with one row per layer and one column per residual hook, from the scalar keys."""
+    import wandb
+
+    prefix = "probe/resid_norm/"
+    columns: dict[str, dict[int, float]] = {}
+    for key, value in payload.items():
+        if not key.startswith(prefix):
+            continue
+        hook, _, layer = key[len(prefix):].rpartition("/L")
+        if not hook or hook == "ratio" or not layer.isdigit():
+            continue
+        columns.setdefault(hook, {})[int(layer)] = value
+    if "resid_post" not in columns:
+        return None
+    hooks = sorted(columns)
+    layers = sorted(columns["resid_post"])
+    data = [[layer] + [columns[h].get(layer, float("nan")) for h in hooks] for layer in layers]
+    return wandb.Table(columns=["layer"] + hooks, data=data)
