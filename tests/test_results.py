@@ -1,0 +1,76 @@
+"""The shared results schema: metric keys, JSONL rows, crash-safety of the results file, W&B mode."""
+
+import math
+from dataclasses import dataclass
+
+import pytest
+
+from residual_dynamics.callbacks import probe_steps
+from residual_dynamics.probes.common import Record, position_mask
+from residual_dynamics.results import ResultsFile, metric_key, rows, scalars
+from residual_dynamics.tracking import resolve_wandb_mode
+
+
+@dataclass
+class Fake:
+    recs: list
+
+    def records(self):
+        return self.recs
+
+
+def test_metric_keys():
+    assert metric_key(Record("resid_norm/resid_post", 1.0, layer=3)) == "probe/resid_norm/resid_post/L03"
+    assert metric_key(Record("W_OV", 1.0, layer=2, head=5)) == "probe/W_OV/L02H05"
+    assert metric_key(Record("growth_rate", 1.0)) == "probe/growth_rate"
+    assert metric_key(Record("horizon/k_eff", 1.0)) == "probe/horizon/k_eff"
+
+
+def test_rows_and_scalars_agree():
+    results = {"a": Fake([Record("x", 2.0, layer=1), Record("y", float("nan"))])}
+    out = rows(results, step=7, meta={"run": "r"})
+    assert out == [
+        {"step": 7, "probe": "a", "name": "x", "layer": 1, "head": None, "value": 2.0, "run": "r"},
+        {"step": 7, "probe": "a", "name": "y", "layer": None, "head": None, "value": None, "run": "r"},
+    ]
+    s = scalars(results)
+    assert s["probe/x/L01"] == 2.0 and math.isnan(s["probe/y"])
+
+
+def test_results_file_survives_a_torn_line_and_truncates_on_resume(tmp_path):
+    f = ResultsFile(tmp_path / "results.jsonl")
+    f.append([{"step": s, "value": s} for s in (0, 1, 2, 4)])
+    with open(f.path, "a") as raw:
+        raw.write('{"step": 8, "val')  # a crash in the middle of a write
+    assert [r["step"] for r in f.read()] == [0, 1, 2, 4]
+    f.truncate_from(2)
+    assert [r["step"] for r in f.read()] == [0, 1]
+    assert f.path.read_text().endswith("\n") and not (tmp_path / "results.jsonl.tmp").exists()
+
+
+def test_probe_schedule():
+    assert probe_steps(600, 64, 200) == [0, 1, 2, 4, 8, 16, 32, 200, 400, 600]
+    assert probe_steps(10, 4, 0, at_end=False) == [0, 1, 2]
+    assert probe_steps(5, 64, 200) == [0, 1, 2, 4, 5]
+
+
+def test_position_mask_drops_position_zero_and_padding():
+    import torch
+
+    tokens = torch.zeros(2, 4, dtype=torch.long)
+    mask = position_mask(tokens, torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
+    assert mask.tolist() == [[False, True, True, True], [False, True, False, False]]
+    with pytest.raises(ValueError):
+        position_mask(torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_wandb_mode(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert resolve_wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_wandb_mode("online") == "offline"
