@@ -101,8 +101,9 @@ def growth_curve(rows: Iterable[Mapping], path, title: str = "") -> Optional[Pat
             ax.plot(sorted(other), [other[l] for l in sorted(other)], style, ms=3, label=name.split("/")[1])
     growth = [r["value"] for r in rows if r["name"] == "growth_rate" and r["step"] == step and r["value"]]
     if growth:
-        g = float(growth[0])
-        fit = norms[0] * g ** (np.array(layers) - layers[0])
+        g = float(growth[0])  # the probe's fitted factor; draw it through the geometric mean of the points
+        x = np.array(layers, dtype=float)
+        fit = np.exp(np.log(norms).mean() + np.log(g) * (x - x.mean()))
         ax.plot(layers, fit, ":", color="k", label=f"fit: x{g:.3f} per layer")
     ax.set_yscale("log")
     ax.set_xlabel("layer")

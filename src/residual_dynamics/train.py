@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -219,7 +220,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     wandb_dir = None
     try:
+        fit_started = time.perf_counter()
         trainer.fit(lit, datamodule=data, ckpt_path=ckpt_path)
+        fit_seconds = time.perf_counter() - fit_started
         if cfg.logger.kind == "wandb":
             wandb_dir = Path(logger.experiment.dir).parent
     finally:
@@ -234,6 +237,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "figures": run_dir / "figures",
         "wandb": wandb_dir,
         "global_step": trainer.global_step,
+        "fit_seconds": fit_seconds,
         "probe_seconds": probe_callback.seconds if probe_callback else 0.0,
     }
     if trainer.is_global_zero:

@@ -49,8 +49,13 @@ def enabled_probes(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def run_probes(bridge, tokens: torch.Tensor, probes: Mapping[str, Mapping[str, Any]],
                attention_mask: Optional[torch.Tensor] = None) -> dict[str, Any]:
-    """Run each probe in ``probes`` (from :func:`enabled_probes`) and return {name: result}."""
-    return {
-        name: probe_function(name)(bridge, tokens, attention_mask=attention_mask, **options)
-        for name, options in probes.items()
-    }
+    """Run each probe in ``probes`` (from :func:`enabled_probes`) and return {name: result}.
+
+    ``attention_mask`` goes to the probes that read activations (weight norms take none)."""
+    out = {}
+    for name, options in probes.items():
+        function = probe_function(name)
+        if "attention_mask" in inspect.signature(function).parameters:
+            options = {**options, "attention_mask": attention_mask}
+        out[name] = function(bridge, tokens, **options)
+    return out
