@@ -120,7 +120,10 @@ def test_train_end_to_end_logs_probes_to_wandb(tmp_path, data_cache):
     assert last["probe/resid_norm/resid_post/L01"] > 0
     assert any(k.startswith("probe/mlp_act_rate") for k in last)
     assert any(k.startswith("probe/cleanup") for k in last)
-    assert "probe_figures/norm_vs_layer" in last and "probe_tables/resid_norm_vs_layer" in last
+    # media are stored flattened: <key>/_type, <key>/path, ...
+    assert last.get("probe_figures/norm_vs_layer/_type") == "image-file"
+    assert last.get("probe_figures/layer_step_heatmap/_type") == "image-file"
+    assert last.get("probe_tables/resid_norm_vs_layer/_type") == "table-file"
 
     rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert sorted({r["step"] for r in rows}) == [0, 1, 2, 6, 12]

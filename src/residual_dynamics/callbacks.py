@@ -36,13 +36,12 @@ def probe_steps(max_steps: int, log_spaced_until: int, every: int, at_end: bool 
 
 class ProbeCallback(L.Callback):
     def __init__(self, tokens: torch.Tensor, probes: Mapping[str, Mapping[str, Any]], steps: list[int],
-                 reporter: ProbeReporter, at_end: bool = True, tokenizer=None):
+                 reporter: ProbeReporter, at_end: bool = True):
         self.tokens = tokens
         self.at_end = at_end
         self.probes = probes
         self.steps = set(steps)
         self.reporter = reporter
-        self.tokenizer = tokenizer
         self.seconds = 0.0  # wall time spent probing, for the overhead benchmark
         self._done: set[int] = set()
 
@@ -51,7 +50,7 @@ class ProbeCallback(L.Callback):
         if step in self._done or not trainer.is_global_zero or not self.probes:
             return
         start = time.perf_counter()
-        bridge = to_transformer_lens(pl_module.model, tokenizer=self.tokenizer)
+        bridge = to_transformer_lens(pl_module.model)
         results = run_probes(bridge, self.tokens.to(pl_module.device), self.probes)
         self.reporter.report(results, step)
         self._done.add(step)

@@ -82,13 +82,16 @@ def native_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_transformer_lens(model: Transformer, device: Optional[torch.device | str] = None, tokenizer=None):
-    """A ``TransformerBridge`` with ``model``'s weights (a copy: later training does not affect it)."""
+def to_transformer_lens(model: Transformer, device: Optional[torch.device | str] = None):
+    """A ``TransformerBridge`` with ``model``'s weights (a copy: later training does not affect it).
+
+    The bridge gets no tokenizer: probes take token ids, and TransformerLens 4.3 would try to reload a
+    tokenizer by its ``name_or_path``, which our corpus-trained BPE tokenizers do not have."""
     from transformer_lens.model_bridge import TransformerBridge
     import transformer_lens.model_bridge.sources.native  # noqa: F401  (registers boot_native)
 
     device = device if device is not None else next(model.parameters()).device
-    bridge = TransformerBridge.boot_native(bridge_config(model), tokenizer=tokenizer, device=device)
+    bridge = TransformerBridge.boot_native(bridge_config(model), device=device)
     params = {
         name.replace(_NATIVE_WRAPPER, ""): param for name, param in bridge.original_model.named_parameters()
     }

@@ -197,8 +197,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         schedule = probe_steps(max_steps, cfg.probes.schedule.log_spaced_until, cfg.probes.schedule.every,
                                cfg.probes.schedule.at_end)
         probe_callback = ProbeCallback(data.probe_batch(cfg.probes.batch_size, cfg.probes.seq_len), probes,
-                                       schedule, reporter, at_end=cfg.probes.schedule.at_end,
-                                       tokenizer=data.tokenizer)
+                                       schedule, reporter, at_end=cfg.probes.schedule.at_end)
         callbacks.append(probe_callback)
 
     trainer = L.Trainer(
