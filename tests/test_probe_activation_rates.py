@@ -5,19 +5,10 @@ import math
 import pytest
 import torch
 
-from probe_models import (
-    VARIANTS,
-    boot,
-    hf_bridge,
-    native_float64,
-    native_parameters,
-    planted_growth_bridge,
-    random_tokens,
-    real_positions,
-    reference_forward,
-    reference_sublayer_mlp,
-    right_padding_mask,
-)
+from reference_models import VARIANTS, Reference, hf_bridge, make_bridge, native_weights, planted_growth_bridge
+from reference_models import random_tokens, real_positions, right_padding_mask
+from reference_models import single_thread  # noqa: F401  (autouse fixture: torch on one thread)
+
 from residual_dynamics.probes.activation_rates import activation_rates, normalized_gaussian_inputs
 
 
@@ -35,25 +26,25 @@ def l2(vector: torch.Tensor) -> float:
     return math.sqrt(sum(v * v for v in vector.tolist()))
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", [name for name, config in VARIANTS.items() if not config.get("attn_only")])
 def test_matches_float64_brute_force(variant):
-    bridge = boot(**VARIANTS[variant])
+    bridge = make_bridge(**VARIANTS[variant])
     tokens = random_tokens(3, 8, seed=1)
     mask = right_padding_mask([8, 6, 3], 8)
     n_random = 48
 
     result = activation_rates(bridge, tokens, attention_mask=mask, n_random=n_random, seed=7)
 
-    acts = reference_forward(bridge, tokens, mask)
+    ref = Reference(bridge)
+    acts = ref.activations(tokens, mask)
     positions = real_positions(tokens, mask)
-    params = native_float64(bridge)
     inputs = normalized_gaussian_inputs(n_random, bridge.cfg.d_model, seed=7).double()
     d_mlp = bridge.cfg.d_mlp
     for layer in range(bridge.cfg.n_layers):
         token_rate = positive_fraction(acts["mlp_pre"][layer][b][p] for b, p in positions)
         # float32 vs float64 may flip the sign of a pre-activation within rounding of zero: allow one entry.
         assert result.token_rate[layer].item() == pytest.approx(token_rate, abs=1.01 / (len(positions) * d_mlp))
-        pre_out = [reference_sublayer_mlp(bridge.cfg, params, layer, x) for x in inputs]
+        pre_out = [ref.mlp(x, layer) for x in inputs]
         assert result.random_rate[layer].item() == pytest.approx(
             positive_fraction(pre for pre, _ in pre_out), abs=1.01 / (n_random * d_mlp)
         )
@@ -97,7 +88,7 @@ def test_position_zero_and_padding_are_excluded():
     move the token rate."""
     bridge = planted_growth_bridge([1.5, 1.25], d_model=16)
     identity = torch.eye(16)
-    params = native_parameters(bridge)
+    params = native_weights(bridge)
     with torch.no_grad():
         for layer in range(2):
             params[f"layers.{layer}.mlp.fc_in.weight"].copy_(torch.cat([identity, identity], dim=0))
@@ -116,7 +107,7 @@ def test_position_zero_and_padding_are_excluded():
 
 
 def test_attention_only_model_gives_empty_result_with_note():
-    result = activation_rates(boot(attn_only=True), random_tokens(2, 5))
+    result = activation_rates(make_bridge(attn_only=True), random_tokens(2, 5))
     assert result.records() == []
     assert result.token_rate.numel() == result.random_rate.numel() == result.random_out_norm.numel() == 0
     assert "attention-only" in result.note
@@ -124,8 +115,8 @@ def test_attention_only_model_gives_empty_result_with_note():
 
 def test_record_names_say_gate_for_gated_mlps():
     tokens = random_tokens(2, 5)
-    plain = {(r.name, r.layer) for r in activation_rates(boot(), tokens, n_random=8).records()}
-    gated = {(r.name, r.layer) for r in activation_rates(boot(gated_mlp=True), tokens, n_random=8).records()}
+    plain = {(r.name, r.layer) for r in activation_rates(make_bridge(), tokens, n_random=8).records()}
+    gated = {(r.name, r.layer) for r in activation_rates(make_bridge(gated_mlp=True), tokens, n_random=8).records()}
     names = ("{}/tokens", "{}/random")
     assert plain == {(n.format("mlp_act_rate"), l) for n in names for l in range(3)} | {
         ("mlp_out_norm/random", l) for l in range(3)

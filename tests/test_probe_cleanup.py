@@ -11,24 +11,19 @@ import math
 import numpy as np
 import pytest
 import torch
-from horizon_cleanup_models import (
+from reference_models import (
     VARIANTS,
     Reference,
-    hf_bridges,
+    hf_bridge,
     make_bridge,
     native_weights,
     planted_cleanup_bridge,
     random_tokens,
-    single_thread,
+    real_positions,
 )
+from reference_models import single_thread  # noqa: F401  (autouse fixture: torch on one thread)
 
 from residual_dynamics.probes.cleanup import CleanupResult, cleanup
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 THRESHOLD, WRITER_MIN, TOP_N = 0.5, 0.6, 3  # loose enough that random models have cleaned writers
@@ -39,11 +34,6 @@ def padded_tokens():
     attention_mask = torch.ones_like(tokens)
     attention_mask[0, 7:] = 0
     return tokens, attention_mask
-
-
-def kept_positions(attention_mask):
-    batch, pos = attention_mask.shape
-    return [(b, p) for b in range(batch) for p in range(1, pos) if attention_mask[b, p]]
 
 
 def brute_force(ref, tokens, attention_mask):
@@ -80,7 +70,7 @@ def pr(a, b):
     return float(torch.dot(a, b) / torch.dot(b, b))
 
 
-@pytest.mark.parametrize("variant", [v for _, v in VARIANTS], ids=[name for name, _ in VARIANTS])
+@pytest.mark.parametrize("variant", list(VARIANTS.values()), ids=list(VARIANTS))
 def test_matches_brute_force(variant):
     bridge = make_bridge(**variant)
     ref = Reference(bridge)
@@ -89,7 +79,7 @@ def test_matches_brute_force(variant):
         bridge, tokens, attention_mask=attention_mask, threshold=THRESHOLD, writer_min=WRITER_MIN, top_n=TOP_N
     )
     logits, nodes, streams = brute_force(ref, tokens, attention_mask)
-    positions = kept_positions(attention_mask)
+    positions = real_positions(tokens, attention_mask)
     names = [node.name for node in result.nodes]
     assert names == list(nodes) and len(result.point_names) == len(streams)
 
@@ -138,7 +128,7 @@ def test_matches_brute_force(variant):
     assert (scores[:-1] >= scores[1:]).all()
 
 
-@pytest.mark.parametrize("variant", [v for _, v in VARIANTS], ids=[name for name, _ in VARIANTS])
+@pytest.mark.parametrize("variant", list(VARIANTS.values()), ids=list(VARIANTS))
 def test_dla_of_all_nodes_and_biases_is_the_logit_difference(variant):
     # With the final norm frozen at its scale, logits are linear in the residual stream, which is the
     # sum of all node outputs and the attention biases b_O (MLP outputs include their bias).
@@ -148,7 +138,7 @@ def test_dla_of_all_nodes_and_biases_is_the_logit_difference(variant):
     result = cleanup(bridge, tokens, attention_mask=attention_mask)
     logits, _, streams = ref.forward(tokens, attention_mask)
     b_o = sum(ref.w[f"layers.{layer}.attn.o.bias"] for layer in range(ref.cfg.n_layers))
-    for b, p in kept_positions(attention_mask):
+    for b, p in real_positions(tokens, attention_mask):
         t1, t2 = logits[b, p].topk(2).indices.tolist()
         constant = dla_of(ref, b_o, streams[-1], logits, b, p)
         if ref.norm == "LN":
@@ -216,7 +206,7 @@ def test_rejects_unknown_writers():
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_hf_bridges_dla_identity(name):
     # The final-norm gain, centering and scale are read from the HF module's own parameters here.
-    bridge = hf_bridges()[name]
+    _, bridge, _ = hf_bridge(name)
     w = native_weights(bridge)
     config = bridge.original_model.config
     tokens = random_tokens(2, 8)

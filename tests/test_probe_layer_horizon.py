@@ -10,25 +10,19 @@ import math
 import numpy as np
 import pytest
 import torch
-from horizon_cleanup_models import (
+from reference_models import (
     VARIANTS,
     Reference,
     constant_sequences,
-    hf_bridges,
+    hf_bridge,
     make_bridge,
     next_token_loss,
     random_tokens,
     relay_bridge,
-    single_thread,
 )
+from reference_models import single_thread  # noqa: F401  (autouse fixture: torch on one thread)
 
 from residual_dynamics.probes.layer_horizon import HorizonResult, default_ks, layer_horizon, sublayers
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 OPTIONS = [
@@ -67,7 +61,7 @@ def padded_tokens():
     return tokens, attention_mask
 
 
-@pytest.mark.parametrize("variant", [v for _, v in VARIANTS], ids=[name for name, _ in VARIANTS])
+@pytest.mark.parametrize("variant", list(VARIANTS.values()), ids=list(VARIANTS))
 def test_reference_reproduces_the_bridge(variant):
     bridge = make_bridge(**variant)
     tokens, attention_mask = padded_tokens()
@@ -78,7 +72,7 @@ def test_reference_reproduces_the_bridge(variant):
     torch.testing.assert_close(logits.double()[real], expected[real], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("variant", [v for _, v in VARIANTS], ids=[name for name, _ in VARIANTS])
+@pytest.mark.parametrize("variant", list(VARIANTS.values()), ids=list(VARIANTS))
 def test_matches_brute_force(variant):
     bridge = make_bridge(**variant)
     ref = Reference(bridge)
@@ -228,7 +222,7 @@ def test_hf_bridges(name):
     # No float64 reference for HF modules; check the identities every model must satisfy: a horizon
     # beyond the depth changes nothing, and with include_embedding=False a window of all n sublayers
     # plus the embedding is the full residual stream.
-    bridge = hf_bridges()[name]
+    _, bridge, _ = hf_bridge(name)
     n = len(sublayers(bridge))
     tokens = random_tokens(2, 8)
     for mode in ("clean", "same_pass"):

@@ -6,17 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from probe_models import (
-    VARIANTS,
-    boot,
-    hf_bridge,
-    native_parameters,
-    planted_growth_bridge,
-    random_tokens,
-    real_positions,
-    reference_forward,
-    right_padding_mask,
-)
+from reference_models import VARIANTS, Reference, hf_bridge, make_bridge, native_weights, planted_growth_bridge
+from reference_models import random_tokens, real_positions, right_padding_mask
+from reference_models import single_thread  # noqa: F401  (autouse fixture: torch on one thread)
+
 from residual_dynamics.probes.residual_norms import residual_norms
 
 
@@ -35,15 +28,14 @@ def lstsq_log_fit(norms: list[float]) -> tuple[float, float]:
     return float(beta[1]), math.sqrt(covariance[1, 1])
 
 
-@pytest.mark.parametrize("variant", [*VARIANTS, "attn_only"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_matches_float64_brute_force(variant):
-    overrides = {"attn_only": True} if variant == "attn_only" else VARIANTS[variant]
-    bridge = boot(n_layers=4, **overrides)
+    bridge = make_bridge(n_layers=4, **VARIANTS[variant])
     tokens = random_tokens(3, 8)
     mask = right_padding_mask([8, 5, 7], 8)
 
     result = residual_norms(bridge, tokens, attention_mask=mask, prompt_index=1)
-    acts = reference_forward(bridge, tokens, mask)
+    acts = Reference(bridge).activations(tokens, mask)
     positions = real_positions(tokens, mask)
 
     assert set(result.norms) == set(acts) - {"mlp_pre"}
@@ -115,7 +107,7 @@ def test_position_zero_and_padding_do_not_enter_the_statistics():
     bridge = planted_growth_bridge([1.5, 1.25, 2.0])
     huge = 0
     with torch.no_grad():
-        native_parameters(bridge)["tok_embed.weight"][huge].fill_(1e4)
+        native_weights(bridge)["tok_embed.weight"][huge].fill_(1e4)
     tokens = 1 + random_tokens(2, 7, seed=5) % 40  # never the huge token
     mask = right_padding_mask([7, 4], 7)
     poisoned = tokens.clone()
@@ -136,7 +128,7 @@ def test_position_zero_and_padding_do_not_enter_the_statistics():
 
 
 def test_records_have_stable_names():
-    bridge = boot(n_layers=3)
+    bridge = make_bridge(n_layers=3)
     records = residual_norms(bridge, random_tokens(2, 5)).records()
     names = {(r.name, r.layer) for r in records}
     for kind in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "ratio"):
@@ -145,7 +137,7 @@ def test_records_have_stable_names():
     assert scalars == {"growth_rate", "growth_rate/log_slope", "growth_rate/log_slope_se", "growth_rate/two_point"}
     assert len(records) == 6 * 3 + 4 and all(r.head is None for r in records)
 
-    attn_only = residual_norms(boot(n_layers=3, attn_only=True), random_tokens(2, 5)).records()
+    attn_only = residual_norms(make_bridge(n_layers=3, attn_only=True), random_tokens(2, 5)).records()
     assert not any(r.name in ("resid_norm/resid_mid", "resid_norm/mlp_out") for r in attn_only)
 
 
@@ -159,7 +151,7 @@ def test_one_layer_model_has_no_growth_fit():
 
 
 def test_bad_arguments_raise():
-    bridge = boot(n_layers=3)
+    bridge = make_bridge(n_layers=3)
     tokens = random_tokens(2, 5)
     for kwargs in ({"fit_layers": (1, 1)}, {"fit_layers": (0, 3)}, {"two_point": (2, 1)}, {"prompt_index": 2}):
         with pytest.raises(ValueError):

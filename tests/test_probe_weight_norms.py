@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from probe_models import VARIANTS, boot, hf_bridge, native_float64, native_parameters
+from reference_models import VARIANTS, hf_bridge, make_bridge, native_float64, native_weights
+from reference_models import single_thread  # noqa: F401  (autouse fixture: torch on one thread)
+
 from residual_dynamics.probes.weight_norms import weight_norms
 
 
@@ -85,10 +87,9 @@ def as_tensor(values) -> torch.Tensor:
 PER_HEAD = {"W_OV", "W_Q", "W_K", "W_V", "W_O"}
 
 
-@pytest.mark.parametrize("variant", [*VARIANTS, "attn_only"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_matches_float64_brute_force(variant):
-    overrides = {"attn_only": True, "n_key_value_heads": 2} if variant == "attn_only" else VARIANTS[variant]
-    bridge = boot(**overrides)
+    bridge = make_bridge(**VARIANTS[variant])
     result = weight_norms(bridge, fold_ln=True)
     expected = brute_force(bridge)
 
@@ -112,9 +113,9 @@ def test_matches_float64_brute_force(variant):
 
 def test_gqa_shapes_and_sharing():
     """Query heads of one key/value group share W_V: with W_O made equal across heads, their W_OV agree."""
-    bridge = boot(n_heads=4, n_key_value_heads=2)
+    bridge = make_bridge(n_heads=4, n_key_value_heads=2)
     with torch.no_grad():
-        o = native_parameters(bridge)["layers.0.attn.o.weight"]  # [d_model, n_heads * d_head]
+        o = native_weights(bridge)["layers.0.attn.o.weight"]  # [d_model, n_heads * d_head]
         o[:, 8:16] = o[:, 0:8]
         o[:, 24:32] = o[:, 16:24]
     result = weight_norms(bridge)
@@ -127,10 +128,10 @@ def test_gqa_shapes_and_sharing():
 
 def test_folding_scales_with_the_gain():
     """Planted: a constant ln1 gain c multiplies every folded reading norm by |c| and leaves the raw ones."""
-    bridge = boot()
+    bridge = make_bridge()
     raw = weight_norms(bridge, fold_ln=True)
     with torch.no_grad():
-        native_parameters(bridge)["layers.1.ln1.weight"].fill_(-3.0)
+        native_weights(bridge)["layers.1.ln1.weight"].fill_(-3.0)
     folded = weight_norms(bridge, fold_ln=True)
     for name in ("W_OV", "W_Q", "W_K", "W_V"):
         torch.testing.assert_close(getattr(folded, name), getattr(raw, name))
@@ -140,7 +141,7 @@ def test_folding_scales_with_the_gain():
 
 
 def test_records():
-    bridge = boot(n_key_value_heads=2, gated_mlp=True, normalization_type="RMS")
+    bridge = make_bridge(n_key_value_heads=2, gated_mlp=True, normalization_type="RMS")
     raw = weight_norms(bridge)
     assert raw.W_OV_folded is None
     records = raw.records()
@@ -158,7 +159,7 @@ def test_records():
 
 
 def test_tokens_are_optional():
-    bridge = boot()
+    bridge = make_bridge()
     with_tokens = weight_norms(bridge, torch.zeros(1, 4, dtype=torch.long))
     torch.testing.assert_close(with_tokens.W_OV, weight_norms(bridge).W_OV)
 

@@ -1,0 +1,362 @@
+"""The pretrained-model probe entry point, ``python -m residual_dynamics.probe``, run as a real CLI.
+
+* A tiny random GPT-2 (saved with ``save_pretrained``) with exactly the shape of ``model=tiny`` goes
+  through ``model=local model.path=...`` offline: the W&B offline run (read back from its transaction
+  log), ``results.jsonl`` and the figures are checked, and its ``probe/...`` keys are compared with those
+  a real training run (``python -m residual_dynamics.train model=tiny ...``) logs at a checkpoint.
+* ``x_axis_step``: the W&B x-axis of a ``model.revision=step<N>`` checkpoint (no model load).
+* Bad configs fail before anything is loaded, naming the field.
+* ``@pytest.mark.smollm2``: the real SmolLM2-135M-Instruct through ``model=smollm2_offline``.
+
+Subprocesses get W&B offline into this module's temporary directories and the Hugging Face hub offline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import wandb_offline
+from residual_dynamics.probe import x_axis_step
+from residual_dynamics.probes.common import Record
+from residual_dynamics.prompts import load_prompts
+from residual_dynamics.results import metric_key
+from test_pretrained import make_tokenizer, smollm2_dir  # noqa: F401  (smollm2_dir is a fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+STEP_KEY = "trainer/global_step"
+TINY_NAME = "tiny-gpt2"  # model.name of the CLI run, hence its W&B group
+
+# Probe options shared by the probe CLI and the training run, so both log the same horizon keys.
+PROBE_OPTIONS = ["probes.layer_horizon.ks=[1,2]"]
+
+# Cleanup metrics logged only for writers the probe finds "cleaned" on the data at hand (see
+# probes/cleanup.py): which of these keys exist depends on the weights and the batch, not on the
+# architecture, so key sets are compared without them (and checked for consistency on their own).
+CLEANED_ONLY = ("probe/cleanup/top_cleaner_pr", "probe/cleanup/cleaner_pr_sum", "probe/cleanup/dla_corr")
+
+# Key families (keys without their /Lxx[Hyy] suffix) of a Llama-family model that differ from those of
+# our model=tiny (LayerNorm, GELU MLP, attention biases, learned positions), with the reason:
+LLAMA_ONLY_FAMILIES = {
+    "probe/W_gate", "probe/W_gate_folded",  # gated (SwiGLU) MLP: a gate matrix
+    "probe/mlp_gate_rate/tokens", "probe/mlp_gate_rate/random",  # hook_pre is the gate pre-activation
+}
+TINY_ONLY_FAMILIES = {
+    "probe/b_O",  # Llama's attention has no output bias
+    "probe/cleanup/writer_score/pos",  # rotary positions: no positional-embedding node
+    "probe/mlp_act_rate/tokens", "probe/mlp_act_rate/random",  # named mlp_gate_rate on gated MLPs
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def cli_env(root: Path, **extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess: W&B offline into ``root``, no hub, no API key."""
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": str(root / "wandb_dir"),
+        "WANDB_CONFIG_DIR": str(root / "wandb_config"),
+        "WANDB_CACHE_DIR": str(root / "wandb_cache"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        **extra,
+    }
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+@dataclass
+class CliRun:
+    proc: subprocess.CompletedProcess
+    seconds: float
+    run_dir: Path
+
+    @property
+    def output(self) -> str:
+        return self.proc.stdout + self.proc.stderr
+
+    def wandb_run(self) -> Path:
+        [run] = wandb_offline.offline_runs(self.run_dir)
+        return run
+
+
+def run_cli(module: str, args: list[str], root: Path, timeout: float = 600, **env: str) -> CliRun:
+    """``python -m <module> <args>`` with ``paths.output_root=<root>/out`` and ``run_name=run``."""
+    root.mkdir(parents=True, exist_ok=True)
+    args = [*args, f"paths.output_root={root / 'out'}", "run_name=run"]
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=root, env=cli_env(root, **env),
+                          capture_output=True, text=True, timeout=timeout)
+    return CliRun(proc, time.perf_counter() - started, root / "out" / "run")
+
+
+def probe_rows(history: list[dict]) -> list[dict]:
+    """History rows holding probe keys."""
+    return [row for row in history if any(key.startswith("probe/") for key in row)]
+
+
+def probe_keys(row: dict) -> set[str]:
+    return {key for key in row if key.startswith("probe/")}
+
+
+def family(key: str) -> str:
+    """``probe/W_OV/L29H08`` -> ``probe/W_OV``; ``probe/cleanup/writer_score/mlp/L01`` -> ``.../mlp``."""
+    return re.sub(r"/(L\d+(H\d+)?|H\d+)$", "", key)
+
+
+def split_cleaned_only(keys: set[str]) -> tuple[set[str], dict[str, set[str]]]:
+    """(keys fixed by the architecture, {cleaned-only metric: node suffixes present})."""
+    fixed = {key for key in keys if not key.startswith(CLEANED_ONLY)}
+    nodes = {metric: {key[len(metric):] for key in keys if key.startswith(metric + "/") or key == metric}
+             for metric in CLEANED_ONLY}
+    return fixed, nodes
+
+
+def check_cleaned_only_keys(row: dict) -> None:
+    """The cleaned-only cleanup keys name exactly ``n_cleaned`` writers, the same ones for each metric,
+    and only nodes that have a writer_score."""
+    _, nodes = split_cleaned_only(probe_keys(row))
+    first = nodes[CLEANED_ONLY[0]]
+    assert all(found == first for found in nodes.values()), nodes
+    assert len(first) == row["probe/cleanup/n_cleaned"], (first, row["probe/cleanup/n_cleaned"])
+    writers = {key[len("probe/cleanup/writer_score"):] for key in row if key.startswith("probe/cleanup/writer_score")}
+    assert first <= writers, first - writers
+
+
+def same(a: float, b) -> bool:
+    """Equal floats, NaN equal to NaN (results.jsonl stores a non-finite value as null)."""
+    if b is None:
+        return not math.isfinite(a)
+    return a == pytest.approx(b, rel=1e-6, abs=1e-9)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def compose_train_cfg(overrides: list[str]):
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def tiny_shape_gpt2_dir(tmp_path_factory) -> Path:
+    """A random GPT-2 save_pretrained directory with the shape of ``model=tiny`` and a local BPE tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tiny = compose_train_cfg(["model=tiny"]).model
+    # what GPT-2 can express: LayerNorm, learned positions, exact GELU, an MLP of 4 * d_model
+    assert (tiny.normalization_type, tiny.positional_embedding, tiny.act_fn) == ("LN", "learned", "gelu")
+    assert not tiny.attn_only and tiny.d_mlp is None and tiny.d_head is None
+    tokenizer = make_tokenizer(load_prompts())
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=tiny.n_layers, n_embd=tiny.d_model, n_head=tiny.n_heads, n_positions=tiny.n_ctx,
+        activation_function="gelu", layer_norm_epsilon=tiny.eps, vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    directory = tmp_path_factory.mktemp("tiny-shape-gpt2")
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_probe_run(tiny_shape_gpt2_dir, tmp_path_factory) -> CliRun:
+    """The probe CLI on the tiny GPT-2: 4 prompts of at most 32 tokens (some padded)."""
+    run = run_cli("residual_dynamics.probe", [
+        "model=local", f"model.path={tiny_shape_gpt2_dir}", f"model.name={TINY_NAME}", "prompts.n=4",
+        "prompts.max_len=32", *PROBE_OPTIONS,
+    ], tmp_path_factory.mktemp("probe-cli"))
+    assert run.proc.returncode == 0, run.output[-4000:]
+    print(f"\nprobe CLI, tiny GPT-2: {run.seconds:.1f} s")
+    return run
+
+
+TRAIN_CKPT_STEP = 2
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory, data_cache) -> CliRun:
+    """A 2-step training run of model=tiny that checkpoints and probes at step 2 (and 0)."""
+    overrides = [
+        "model=tiny", "data.seq_len=32", "data.batch_size=8", "data.val_batches=1", "tokenizer.vocab_size=512",
+        f"trainer.max_steps={TRAIN_CKPT_STEP}", f"trainer.val_every={TRAIN_CKPT_STEP}",
+        f"trainer.ckpt_every={TRAIN_CKPT_STEP}", "probes.schedule.log_spaced_until=1",
+        f"probes.schedule.every={TRAIN_CKPT_STEP}", "probes.batch_size=4", *PROBE_OPTIONS,
+        f"paths.cache_dir={data_cache}",
+    ]
+    # Build the corpus, tokenizer and shards first: a tokenizer trained in the same process as the first
+    # probe (not read back from disk) has no name_or_path, and TransformerLens' boot then raises
+    # KeyError('name_or_path') -- a bug of residual_dynamics.data.tokenizer.cached_bpe_tokenizer that is
+    # not what this module tests.
+    from residual_dynamics.data.config import DataSettings, TokenizerSettings
+    from residual_dynamics.data.datamodule import prepare_token_data
+
+    cfg = compose_train_cfg(overrides)
+    prepare_token_data(DataSettings.from_cfg(cfg.data), TokenizerSettings.from_cfg(cfg.tokenizer), data_cache)
+    run = run_cli("residual_dynamics.train", overrides, tmp_path_factory.mktemp("train-cli"))
+    assert run.proc.returncode == 0, run.output[-4000:]
+    assert (run.run_dir / "checkpoints" / f"step{TRAIN_CKPT_STEP:06d}.ckpt").is_file()
+    print(f"\ntraining CLI, model=tiny, {TRAIN_CKPT_STEP} steps: {run.seconds:.1f} s")
+    return run
+
+
+def checkpoint_row(train: CliRun) -> dict:
+    rows = [row for row in probe_rows(wandb_offline.history(train.wandb_run()))
+            if row.get(STEP_KEY) == TRAIN_CKPT_STEP]
+    assert len(rows) == 1, f"{len(rows)} probe rows at step {TRAIN_CKPT_STEP}"
+    return rows[0]
+
+
+# --------------------------------------------------------------------------- tiny GPT-2 through the CLI
+
+
+def test_cli_logs_a_pretrained_wandb_run_results_and_figures(tiny_probe_run):
+    run = tiny_probe_run
+    assert "Probed" in run.proc.stdout and str(run.run_dir) in run.proc.stdout
+    wandb_run = run.wandb_run()
+    info = wandb_offline.run_info(wandb_run)
+    assert info["job_type"] == "pretrained" and info["group"] == TINY_NAME
+    assert info["config"]["model_info"]["architecture"] == "GPT2LMHeadModel"
+    assert info["config"]["model_info"]["n_layers"] == 2 and info["config"]["model"]["name"] == TINY_NAME
+
+    [row] = probe_rows(wandb_offline.history(wandb_run))
+    assert row[STEP_KEY] == 0
+    keys = probe_keys(row)
+    for key in ("probe/resid_norm/resid_post/L01", "probe/growth_rate", "probe/W_OV/L01H03", "probe/b_O/L00",
+                "probe/mlp_act_rate/tokens/L01", "probe/mlp_out_norm/random/L00", "probe/horizon/k_eff",
+                "probe/horizon/loss_increase/k02", "probe/cleanup/n_cleaned", "probe/cleanup/writer_score/L00H00"):
+        assert key in keys, f"{key} not logged; have {sorted(keys)[:40]}"
+    assert row["probe/resid_norm/resid_post/L01"] > 0
+    assert row.get("probe_figures/norm_vs_layer/_type") == "image-file"
+    assert row.get("probe_tables/resid_norm_vs_layer/_type") == "table-file"
+
+    # results.jsonl holds the same numbers under the same keys, at step 0, with the run's metadata
+    results = [json.loads(line) for line in (run.run_dir / "results.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in results} == {0} and {r["model"] for r in results} == {TINY_NAME}
+    assert {r["probe"] for r in results} == {"residual_norms", "weight_norms", "activation_rates",
+                                             "layer_horizon", "cleanup"}
+    by_key = {metric_key(Record(r["name"], 0.0, r["layer"], r["head"])): r["value"] for r in results}
+    assert len(by_key) == len(results), "a key appears twice in results.jsonl"
+    assert by_key.keys() == keys
+    mismatched = {key: (row[key], by_key[key]) for key in keys if not same(row[key], by_key[key])}
+    assert not mismatched, dict(list(mismatched.items())[:10])
+
+    # the figures of a pretrained run (no layer x step heatmap: there is one step)
+    figures = {path.name for path in (run.run_dir / "figures").iterdir()}
+    assert figures == {"norm_vs_layer.png", "growth_curve.png", "W_OV_norms.png"}
+    for name in figures:
+        assert (run.run_dir / "figures" / name).stat().st_size > 1000
+        assert str(run.run_dir / "figures" / name) in run.proc.stdout
+
+
+def test_cli_logs_the_keys_of_a_training_checkpoint(tiny_probe_run, train_run):
+    """Same shape as model=tiny, hence the same probe/... keys as a training run logs at a checkpoint.
+
+    GPT-2 and our model differ in no way the probes see: both have LayerNorm gains and biases,
+    attention biases (b_O), a 4 * d_model GELU MLP and learned positions. Only the cleanup metrics of
+    "cleaned" writers depend on the weights (random GPT-2 vs trained tiny), so they are compared apart.
+    """
+    [probe_row] = probe_rows(wandb_offline.history(tiny_probe_run.wandb_run()))
+    train_row = checkpoint_row(train_run)
+    info = wandb_offline.run_info(train_run.wandb_run())
+    assert info["job_type"] == "train" and info["config"]["model"]["d_model"] == 64
+
+    probe_fixed, _ = split_cleaned_only(probe_keys(probe_row))
+    train_fixed, _ = split_cleaned_only(probe_keys(train_row))
+    assert probe_fixed == train_fixed, (
+        f"only in the probe CLI: {sorted(probe_fixed - train_fixed)}; "
+        f"only in training: {sorted(train_fixed - probe_fixed)}")
+    assert len(probe_fixed) > 100
+    for row in (probe_row, train_row):
+        check_cleaned_only_keys(row)
+
+
+# --------------------------------------------------------------------------- the x-axis step
+
+
+def test_x_axis_step():
+    def cfg(step=None, revision=None):
+        return OmegaConf.create({"step": step, "model": {"revision": revision}})
+
+    assert x_axis_step(cfg(revision="step1000")) == 1000
+    assert x_axis_step(cfg(revision="step0")) == 0
+    assert x_axis_step(cfg(step=7, revision="step1000")) == 7  # an explicit step wins
+    assert x_axis_step(cfg(step=0, revision="step1000")) == 0  # ... even 0
+    assert x_axis_step(cfg(step=5)) == 5
+    for revision in (None, "main", "step", "step1000-deduped", "v1.0", "mystep12"):
+        assert x_axis_step(cfg(revision=revision)) == 0, revision
+    assert x_axis_step(OmegaConf.create({"step": None, "model": {}})) == 0  # no revision field at all
+
+    # through the real config composition, as `model=pythia-160m model.revision=step1000` would give
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        composed = compose("probe", overrides=["pretrained@model=pythia-160m", "model.revision=step1000"])
+        assert x_axis_step(composed) == 1000
+        composed = compose("probe", overrides=["pretrained@model=pythia-160m", "model.revision=step1000", "step=3"])
+        assert x_axis_step(composed) == 3
+        assert x_axis_step(compose("probe", overrides=["pretrained@model=gpt2"])) == 0
+
+
+# --------------------------------------------------------------------------- bad configs
+
+
+@pytest.mark.parametrize("field", ["prompts.source", "model.path"])
+def test_bad_config_fails_before_loading(field, tiny_shape_gpt2_dir, tmp_path):
+    # prompts.source is tried with a loadable model, so that only the bad field can stop the run
+    path = "/nonexistent" if field == "model.path" else tiny_shape_gpt2_dir
+    bad = ["prompts.source=web"] if field == "prompts.source" else []
+    run = run_cli("residual_dynamics.probe", ["model=local", f"model.path={path}", *bad], tmp_path)
+    assert run.proc.returncode != 0
+    assert f"error: {field}:" in run.proc.stderr, run.output[-3000:]
+    assert "Traceback" not in run.output
+    assert "Loading weights" not in run.output and " loaded " not in run.output  # nothing was loaded
+    assert wandb_offline.offline_runs(tmp_path) == []  # nor a W&B run started
+
+
+# --------------------------------------------------------------------------- SmolLM2 (real weights)
+
+
+@pytest.mark.smollm2
+def test_smollm2_through_the_cli(smollm2_dir, train_run, tmp_path):  # noqa: F811  (fixture imported above)
+    run = run_cli("residual_dynamics.probe", [
+        "model=smollm2_offline", "prompts.n=4", "prompts.max_len=32", *PROBE_OPTIONS,
+    ], tmp_path, RESIDUAL_DYNAMICS_CACHE=str(smollm2_dir.parent))
+    print(f"\nprobe CLI, SmolLM2-135M-Instruct (4 x 32 tokens, every probe): {run.seconds:.1f} s")
+    assert run.proc.returncode == 0, run.output[-4000:]
+    wandb_run = run.wandb_run()
+    info = wandb_offline.run_info(wandb_run)
+    assert info["job_type"] == "pretrained" and info["group"] == "smollm2-135m-instruct"
+    assert info["config"]["model_info"]["architecture"] == "LlamaForCausalLM"
+
+    [row] = probe_rows(wandb_offline.history(wandb_run))
+    assert row[STEP_KEY] == 0
+    keys = probe_keys(row)
+    for key in ("probe/resid_norm/resid_post/L29", "probe/W_OV/L29H08", "probe/mlp_gate_rate/tokens/L00",
+                "probe/mlp_gate_rate/random/L29", "probe/W_gate/L29", "probe/horizon/k_eff",
+                "probe/cleanup/writer_score/mlp/L29"):
+        assert key in keys, f"{key} not logged"
+    assert {f"probe/resid_norm/resid_post/L{layer:02d}" for layer in range(30)} <= keys
+    assert not any(key.startswith("probe/mlp_act_rate") for key in keys)
+    assert row["probe/resid_norm/resid_post/L29"] > row["probe/resid_norm/resid_post/L00"] > 0
+    check_cleaned_only_keys(row)
+
+    smol = {family(key) for key in split_cleaned_only(keys)[0]}
+    trained = {family(key) for key in split_cleaned_only(probe_keys(checkpoint_row(train_run)))[0]}
+    assert smol - trained == LLAMA_ONLY_FAMILIES
+    assert trained - smol == TINY_ONLY_FAMILIES
