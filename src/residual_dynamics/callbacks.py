@@ -2,7 +2,8 @@
 
 It only schedules, converts, calls probes and logs: the model is converted with
 ``to_transformer_lens`` (a copy; training is not touched), the probes run on a fixed held-out probe batch,
-and ``ProbeReporter`` sends the results to W&B, the results file and the PNG figures. Under DDP only
+and ``ProbeReporter`` sends the results to W&B and the results file; the PNG figures are redrawn at the
+checkpoint cadence (``figure_every``) and at the end, not at every early log-spaced probe. Under DDP only
 rank 0 probes. Hooks exist only inside the probe calls, so training steps carry no probe overhead.
 """
 
@@ -36,23 +37,26 @@ def probe_steps(max_steps: int, log_spaced_until: int, every: int, at_end: bool 
 
 class ProbeCallback(L.Callback):
     def __init__(self, tokens: torch.Tensor, probes: Mapping[str, Mapping[str, Any]], steps: list[int],
-                 reporter: ProbeReporter, at_end: bool = True):
+                 reporter: ProbeReporter, at_end: bool = True, figure_every: int = 0):
         self.tokens = tokens
         self.at_end = at_end
         self.probes = probes
         self.steps = set(steps)
+        self.figure_every = figure_every  # figures at multiples of this (the checkpoint cadence) and at the end
         self.reporter = reporter
         self.seconds = 0.0  # wall time spent probing, for the overhead benchmark
         self._done: set[int] = set()
 
-    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule, last: bool = False) -> None:
         step = trainer.global_step
         if step in self._done or not trainer.is_global_zero or not self.probes:
             return
         start = time.perf_counter()
         bridge = to_transformer_lens(pl_module.model)
         results = run_probes(bridge, self.tokens.to(pl_module.device), self.probes)
-        self.reporter.report(results, step)
+        last = last or step >= trainer.max_steps
+        draw = last or (self.figure_every > 0 and step > 0 and step % self.figure_every == 0)
+        self.reporter.report(results, step, draw=draw)
         self._done.add(step)
         self.seconds += time.perf_counter() - start
 
@@ -66,7 +70,7 @@ class ProbeCallback(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         if self.at_end:  # also covers a run stopped before max_steps
-            self._probe(trainer, pl_module)
+            self._probe(trainer, pl_module, last=True)
 
     def state_dict(self) -> dict:
         return {"seconds": self.seconds}

@@ -62,9 +62,10 @@ class ProbeReporter:
         self.meta = dict(meta or {})
         self.pretrained = pretrained
 
-    def report(self, results: Mapping[str, Any], step: int) -> dict[str, Path]:
+    def report(self, results: Mapping[str, Any], step: int, draw: bool = True) -> dict[str, Path]:
+        """Log ``results`` at ``step``; ``draw=False`` skips the figures (cheap early-training probes)."""
         self.results.append(rows(results, step, self.meta))
-        pngs = self.draw()
+        pngs = self.draw() if draw else {}
         if self.wandb_run is not None:
             self._log_wandb(results, step, pngs)
         return pngs

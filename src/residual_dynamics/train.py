@@ -143,6 +143,7 @@ def make_logger(cfg: DictConfig, run_dir: Path):
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train per ``cfg`` (an already-composed config with ``paths.run_dir`` resolved). Returns the paths."""
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.utilities import rank_zero_only
 
     from residual_dynamics.callbacks import ProbeCallback, probe_steps
     from residual_dynamics.data.datamodule import TokenDataModule
@@ -191,13 +192,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         wandb_run = logger.experiment if cfg.logger.kind == "wandb" else None
         reporter = ProbeReporter(run_dir, wandb_run=wandb_run,
                                  meta={"run": str(cfg.run_name), "model": cfg.model.name})
-        if ckpt_path is not None:  # rows after the resumed step will be recomputed
+        if ckpt_path is not None and rank_zero_only.rank == 0:  # rows after the resumed step are recomputed
             reporter.results.truncate_from(int(torch.load(ckpt_path, map_location="cpu",
                                                           weights_only=False)["global_step"]) + 1)
         schedule = probe_steps(max_steps, cfg.probes.schedule.log_spaced_until, cfg.probes.schedule.every,
                                cfg.probes.schedule.at_end)
         probe_callback = ProbeCallback(data.probe_batch(cfg.probes.batch_size, cfg.probes.seq_len), probes,
-                                       schedule, reporter, at_end=cfg.probes.schedule.at_end)
+                                       schedule, reporter, at_end=cfg.probes.schedule.at_end,
+                                       figure_every=cfg.probes.schedule.every)
         callbacks.append(probe_callback)
 
     trainer = L.Trainer(
@@ -254,6 +256,11 @@ def _print_summary(paths: dict[str, Any], cfg: DictConfig) -> None:
             print(f"                  offline; upload with: wandb sync {paths['wandb']}")
     print(f"  probe results : {paths['results']}")
     print(f"  figures       : {paths['figures']}")
+    if paths["probe_seconds"]:
+        train_seconds = paths["fit_seconds"] - paths["probe_seconds"]
+        print(f"  time          : {paths['fit_seconds']:.0f} s in trainer.fit, of which probes "
+              f"{paths['probe_seconds']:.1f} s ({100 * paths['probe_seconds'] / max(train_seconds, 1e-9):.1f}% "
+              "of training)")
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")

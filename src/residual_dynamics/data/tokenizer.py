@@ -88,7 +88,8 @@ def cached_bpe_tokenizer(corpus: Corpus, val_period: int, vocab_size: int, cache
         os.replace(tmp, final)
     except OSError:  # another process finished the same tokenizer first; its copy is identical
         shutil.rmtree(tmp)
-    return tok
+    # reload from the cache, so a fresh run gets exactly the tokenizer (and name_or_path) a cached run gets
+    return _checked(PreTrainedTokenizerFast.from_pretrained(str(final)), str(final))
 
 
 def load_pretrained_tokenizer(path: str) -> PreTrainedTokenizerFast:
