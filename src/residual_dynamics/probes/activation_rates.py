@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from residual_dynamics.probes.common import Record, n_layers, position_mask
+from residual_dynamics.probes.forward import ActivationPass, run_activation_passes
 
 
 @dataclass
@@ -81,6 +82,84 @@ def normalized_gaussian_inputs(n: int, d_model: int, seed: int = 0) -> torch.Ten
     return (x / x.pow(2).mean(dim=-1, keepdim=True).sqrt()).float()
 
 
+def activation_rates_pass(
+    bridge,
+    tokens: torch.Tensor,
+    *,
+    attention_mask: Optional[torch.Tensor] = None,
+    n_random: int = 256,
+    seed: int = 0,
+) -> ActivationPass:
+    """The token-pass hooks of :func:`activation_rates` (same arguments) and a finalize step that runs the
+    random-input part and builds the result, for a forward shared with other probes
+    (:func:`residual_dynamics.probes.forward.run_activation_passes`). Attention-only models: no hooks,
+    and finalize returns the empty result."""
+    count = n_layers(bridge)
+    gated = bool(getattr(bridge.cfg, "gated_mlp", False))
+    pre_hooks = [f"blocks.{layer}.mlp.hook_pre" for layer in range(count)]
+    if getattr(bridge.cfg, "attn_only", False) or any(name not in bridge.hook_dict for name in pre_hooks):
+        empty = torch.zeros(0)
+        result = ActivationRates(
+            token_rate=empty,
+            random_rate=empty,
+            random_out_norm=empty,
+            gated=gated,
+            n_positions=0,
+            n_random=0,
+            note="no MLP sublayers (attention-only model, no blocks.*.mlp.hook_pre): no activation rates",
+        )
+        return ActivationPass(hooks=[], finalize=lambda: result, name="activation_rates")
+    mask = position_mask(tokens, attention_mask)
+
+    # (a) Real tokens: count positive pre-activations on real positions inside the hook.
+    token_rates: list[Optional[torch.Tensor]] = [None] * count
+
+    def token_hook(layer: int):
+        def measure(pre: torch.Tensor, hook) -> None:
+            real = mask.to(pre.device)
+            positive = ((pre > 0) & real[..., None]).sum()
+            token_rates[layer] = positive / (real.sum() * pre.shape[-1])
+
+        return measure
+
+    @torch.no_grad()
+    def finalize() -> ActivationRates:
+        # (b, c) Random inputs through ln2 then the MLP of every block, hook_pre captured the same way.
+        random_rates: list[Optional[torch.Tensor]] = [None] * count
+
+        def random_hook(layer: int):
+            def measure(pre: torch.Tensor, hook) -> None:
+                random_rates[layer] = (pre > 0).sum() / pre.numel()
+
+            return measure
+
+        blocks = [bridge.blocks[layer] for layer in range(count)]
+        reference = next(blocks[0].mlp.parameters())
+        x = normalized_gaussian_inputs(n_random, int(bridge.cfg.d_model), seed)
+        x = x.to(device=reference.device, dtype=reference.dtype)[None]  # [1, n_random, d_model]
+        out_norms = []
+        with bridge.hooks(fwd_hooks=[(name, random_hook(layer)) for layer, name in enumerate(pre_hooks)]):
+            for block in blocks:
+                out = block.mlp(block.ln2(x))
+                stat_dtype = torch.promote_types(out.dtype, torch.float32)
+                out_norms.append(torch.linalg.vector_norm(out, dim=-1, dtype=stat_dtype).mean())
+
+        token_rate, random_rate, random_out_norm = (
+            torch.stack(values).float().cpu() for values in (token_rates, random_rates, out_norms)
+        )
+        return ActivationRates(
+            token_rate=token_rate,
+            random_rate=random_rate,
+            random_out_norm=random_out_norm,
+            gated=gated,
+            n_positions=int(mask.sum()),
+            n_random=n_random,
+        )
+
+    hooks = [(name, token_hook(layer)) for layer, name in enumerate(pre_hooks)]
+    return ActivationPass(hooks=hooks, finalize=finalize, name="activation_rates")
+
+
 @torch.no_grad()
 def activation_rates(
     bridge,
@@ -95,66 +174,10 @@ def activation_rates(
 
     tokens:         [batch, pos] token ids.
     attention_mask: optional [batch, pos], 1 = real token; passed to the forward, padding excluded.
+
+    The token part is one hooked forward that stops after the last block (no unembedding);
+    :func:`activation_rates_pass` gives the same hooks for a forward shared with other probes
+    (``run_probes`` does that).
     """
-    count = n_layers(bridge)
-    gated = bool(getattr(bridge.cfg, "gated_mlp", False))
-    pre_hooks = [f"blocks.{layer}.mlp.hook_pre" for layer in range(count)]
-    if getattr(bridge.cfg, "attn_only", False) or any(name not in bridge.hook_dict for name in pre_hooks):
-        empty = torch.zeros(0)
-        return ActivationRates(
-            token_rate=empty,
-            random_rate=empty,
-            random_out_norm=empty,
-            gated=gated,
-            n_positions=0,
-            n_random=0,
-            note="no MLP sublayers (attention-only model, no blocks.*.mlp.hook_pre): no activation rates",
-        )
-    mask = position_mask(tokens, attention_mask)
-
-    # (a) Real tokens: count positive pre-activations on real positions inside the hook.
-    token_rates: list[Optional[torch.Tensor]] = [None] * count
-
-    def token_hook(layer: int):
-        def measure(pre: torch.Tensor, hook) -> None:
-            real = mask.to(pre.device)
-            positive = ((pre > 0) & real[..., None]).sum()
-            token_rates[layer] = positive / (real.sum() * pre.shape[-1])
-
-        return measure
-
-    forward_kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-    token_hooks = [(name, token_hook(layer)) for layer, name in enumerate(pre_hooks)]
-    bridge.run_with_hooks(tokens, fwd_hooks=token_hooks, return_type=None, **forward_kwargs)
-
-    # (b, c) Random inputs through ln2 then the MLP of every block, hook_pre captured the same way.
-    random_rates: list[Optional[torch.Tensor]] = [None] * count
-
-    def random_hook(layer: int):
-        def measure(pre: torch.Tensor, hook) -> None:
-            random_rates[layer] = (pre > 0).sum() / pre.numel()
-
-        return measure
-
-    blocks = [bridge.blocks[layer] for layer in range(count)]
-    reference = next(blocks[0].mlp.parameters())
-    x = normalized_gaussian_inputs(n_random, int(bridge.cfg.d_model), seed)
-    x = x.to(device=reference.device, dtype=reference.dtype)[None]  # [1, n_random, d_model]
-    out_norms = []
-    with bridge.hooks(fwd_hooks=[(name, random_hook(layer)) for layer, name in enumerate(pre_hooks)]):
-        for block in blocks:
-            out = block.mlp(block.ln2(x))
-            stat_dtype = torch.promote_types(out.dtype, torch.float32)
-            out_norms.append(torch.linalg.vector_norm(out, dim=-1, dtype=stat_dtype).mean())
-
-    token_rate, random_rate, random_out_norm = (
-        torch.stack(values).float().cpu() for values in (token_rates, random_rates, out_norms)
-    )
-    return ActivationRates(
-        token_rate=token_rate,
-        random_rate=random_rate,
-        random_out_norm=random_out_norm,
-        gated=gated,
-        n_positions=int(mask.sum()),
-        n_random=n_random,
-    )
+    activation_pass = activation_rates_pass(bridge, tokens, attention_mask=attention_mask, n_random=n_random, seed=seed)
+    return run_activation_passes(bridge, tokens, [activation_pass], attention_mask=attention_mask)[0]

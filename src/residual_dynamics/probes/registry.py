@@ -3,6 +3,11 @@
 ``conf/probes/<name>.yaml`` has one section per probe: ``enabled`` plus keyword options passed to the
 probe function as they are. The callback (trained models) and ``residual_dynamics.probe`` (pretrained
 models) both call :func:`run_probes`, so both produce the same results and the same metric keys.
+
+Probes that only read activations of one forward over the tokens (those whose module has a
+``<name>_pass`` builder: ``residual_norms``, ``activation_rates``) share ONE hooked forward that stops
+after the last block (:func:`residual_dynamics.probes.forward.run_activation_passes`); the others run
+one by one, as called on their own.
 """
 
 from __future__ import annotations
@@ -23,6 +28,14 @@ def probe_function(name: str) -> Callable:
     import importlib
 
     return getattr(importlib.import_module(f"residual_dynamics.probes.{name}"), name)
+
+
+def pass_builder(name: str) -> Optional[Callable]:
+    """The builder ``<name>_pass`` of an activation-only probe (same options as the probe function, returns
+    a :class:`~residual_dynamics.probes.forward.ActivationPass`), or None for probes that run on their own."""
+    import importlib
+
+    return getattr(importlib.import_module(f"residual_dynamics.probes.{name}"), f"{name}_pass", None)
 
 
 _NOT_OPTIONS = {"enabled"}
@@ -49,11 +62,23 @@ def enabled_probes(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def run_probes(bridge, tokens: torch.Tensor, probes: Mapping[str, Mapping[str, Any]],
                attention_mask: Optional[torch.Tensor] = None) -> dict[str, Any]:
-    """Run each probe in ``probes`` (from :func:`enabled_probes`) and return {name: result}.
+    """Run each probe in ``probes`` (from :func:`enabled_probes`) and return {name: result}, in the order
+    of ``probes``.
 
-    ``attention_mask`` goes to the probes that read activations (weight norms take none)."""
+    ``attention_mask`` goes to the probes that read activations (weight norms take none). The probes with
+    a pass builder run in one shared forward (see the module doc); their results equal those of calling
+    each probe function on its own."""
+    from residual_dynamics.probes.forward import run_activation_passes
+
+    builders = {name: pass_builder(name) for name in probes}
+    fused = [name for name, builder in builders.items() if builder is not None]
+    passes = [builders[name](bridge, tokens, attention_mask=attention_mask, **probes[name]) for name in fused]
+    results = dict(zip(fused, run_activation_passes(bridge, tokens, passes, attention_mask=attention_mask)))
     out = {}
     for name, options in probes.items():
+        if name in results:
+            out[name] = results[name]
+            continue
         function = probe_function(name)
         if "attention_mask" in inspect.signature(function).parameters:
             options = {**options, "attention_mask": attention_mask}

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from residual_dynamics.probes.common import Record, n_layers, position_mask
+from residual_dynamics.probes.forward import ActivationPass, run_activation_passes
 
 # Hook kinds measured, in the order they are reported. ``resid_mid`` / ``mlp_out`` are absent on
 # attention-only models (and ``resid_mid`` on parallel-block models); missing kinds are skipped.
@@ -118,8 +119,7 @@ def log_linear_fit(values: torch.Tensor) -> tuple[float, float]:
     return slope, math.sqrt(float((residuals**2).sum()) / (len(y) - 2) / sxx)
 
 
-@torch.no_grad()
-def residual_norms(
+def residual_norms_pass(
     bridge,
     tokens: torch.Tensor,
     *,
@@ -127,16 +127,9 @@ def residual_norms(
     fit_layers: Optional[tuple[int, int]] = None,
     two_point: Optional[tuple[int, int]] = None,
     prompt_index: int = 0,
-) -> ResidualNorms:
-    """Mean residual-stream norms per layer and hook, and the growth rate of resid_post.
-
-    tokens:         [batch, pos] token ids (position 0 is the BOS / first token and is left out of means).
-    attention_mask: optional [batch, pos], 1 = real token; padded positions are left out of means and the
-                    mask is passed to the forward.
-    fit_layers:     inclusive layer range (a, b) of the log-linear fit; default all layers.
-    two_point:      layers (a, b) of the two-point estimate; default the ends of ``fit_layers``.
-    prompt_index:   the prompt whose per-position norms are kept.
-    """
+) -> ActivationPass:
+    """The hooks and the finalize step of :func:`residual_norms` (same arguments), for a forward shared
+    with other probes (:func:`residual_dynamics.probes.forward.run_activation_passes`)."""
     count = n_layers(bridge)
     fit = _layer_range(fit_layers, (0, count - 1) if count > 1 else None, count, "fit_layers")
     ends = _layer_range(two_point, fit, count, "two_point")
@@ -164,34 +157,64 @@ def residual_norms(
 
         return measure
 
-    fwd_hooks = [(f"blocks.{layer}.hook_{kind}", make_hook(kind, layer)) for kind in kinds for layer in range(count)]
-    forward_kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-    bridge.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type=None, **forward_kwargs)
+    @torch.no_grad()
+    def finalize() -> ResidualNorms:
+        n_positions = int(mask.sum())
+        mean_norms = (torch.stack([torch.stack(norm_sums[kind]) for kind in kinds]) / n_positions).float().cpu()
+        norms = dict(zip(kinds, mean_norms))
+        position_norms = torch.stack(position_rows).float().cpu()
 
-    n_positions = int(mask.sum())
-    mean_norms = (torch.stack([torch.stack(norm_sums[kind]) for kind in kinds]) / n_positions).float().cpu()
-    norms = dict(zip(kinds, mean_norms))
-    position_norms = torch.stack(position_rows).float().cpu()
+        post = norms["resid_post"].double()
+        previous = torch.cat([norms["resid_pre"][:1].double(), post[:-1]])
+        slope, slope_se = math.nan, math.nan
+        if fit is not None:
+            slope, slope_se = log_linear_fit(post[fit[0] : fit[1] + 1])
+        two_point_rate = math.nan
+        if ends is not None:
+            a, b = ends
+            two_point_rate = float(post[b] / post[a]) ** (1.0 / (b - a))
+        return ResidualNorms(
+            norms=norms,
+            ratio=(post / previous).float(),
+            log_slope=_scalar(slope),
+            log_slope_se=_scalar(slope_se),
+            growth_rate=_scalar(math.exp(slope)),
+            two_point=_scalar(two_point_rate),
+            fit_layers=fit,
+            two_point_layers=ends,
+            position_norms=position_norms,
+            prompt_index=prompt_index,
+            n_positions=n_positions,
+        )
 
-    post = norms["resid_post"].double()
-    previous = torch.cat([norms["resid_pre"][:1].double(), post[:-1]])
-    slope, slope_se = math.nan, math.nan
-    if fit is not None:
-        slope, slope_se = log_linear_fit(post[fit[0] : fit[1] + 1])
-    two_point_rate = math.nan
-    if ends is not None:
-        a, b = ends
-        two_point_rate = float(post[b] / post[a]) ** (1.0 / (b - a))
-    return ResidualNorms(
-        norms=norms,
-        ratio=(post / previous).float(),
-        log_slope=_scalar(slope),
-        log_slope_se=_scalar(slope_se),
-        growth_rate=_scalar(math.exp(slope)),
-        two_point=_scalar(two_point_rate),
-        fit_layers=fit,
-        two_point_layers=ends,
-        position_norms=position_norms,
+    hooks = [(f"blocks.{layer}.hook_{kind}", make_hook(kind, layer)) for kind in kinds for layer in range(count)]
+    return ActivationPass(hooks=hooks, finalize=finalize, name="residual_norms")
+
+
+@torch.no_grad()
+def residual_norms(
+    bridge,
+    tokens: torch.Tensor,
+    *,
+    attention_mask: Optional[torch.Tensor] = None,
+    fit_layers: Optional[tuple[int, int]] = None,
+    two_point: Optional[tuple[int, int]] = None,
+    prompt_index: int = 0,
+) -> ResidualNorms:
+    """Mean residual-stream norms per layer and hook, and the growth rate of resid_post.
+
+    tokens:         [batch, pos] token ids (position 0 is the BOS / first token and is left out of means).
+    attention_mask: optional [batch, pos], 1 = real token; padded positions are left out of means and the
+                    mask is passed to the forward.
+    fit_layers:     inclusive layer range (a, b) of the log-linear fit; default all layers.
+    two_point:      layers (a, b) of the two-point estimate; default the ends of ``fit_layers``.
+    prompt_index:   the prompt whose per-position norms are kept.
+
+    One hooked forward that stops after the last block (no unembedding); :func:`residual_norms_pass`
+    gives the same hooks for a forward shared with other probes (``run_probes`` does that).
+    """
+    activation_pass = residual_norms_pass(
+        bridge, tokens, attention_mask=attention_mask, fit_layers=fit_layers, two_point=two_point,
         prompt_index=prompt_index,
-        n_positions=n_positions,
     )
+    return run_activation_passes(bridge, tokens, [activation_pass], attention_mask=attention_mask)[0]
