@@ -113,6 +113,8 @@ def test_train_end_to_end_logs_probes_to_wandb(tmp_path, data_cache):
     assert any("train/loss" in row for row in history) and any("val/loss" in row for row in history)
     probe_steps = sorted(row["trainer/global_step"] for row in history if "probe/growth_rate" in row)
     assert probe_steps == [0, 1, 2, 6, 12]
+    # horizon and clean-up have early: false, so they run at the checkpoint cadence and the end only
+    assert sorted(row["trainer/global_step"] for row in history if "probe/horizon/k_eff" in row) == [6, 12]
     last = [row for row in history if row.get("trainer/global_step") == 12 and "probe/growth_rate" in row][0]
     for key in ["probe/resid_norm/resid_post/L00", "probe/resid_norm/resid_post/L01", "probe/W_OV/L01H03",
                 "probe/horizon/k_eff"]:

@@ -3,7 +3,7 @@
 It only schedules, converts, calls probes and logs: the model is converted with
 ``to_transformer_lens`` (a copy; training is not touched), the probes run on a fixed held-out probe batch,
 and ``ProbeReporter`` sends the results to W&B and the results file; the PNG figures are redrawn at the
-checkpoint cadence (``figure_every``) and at the end, not at every early log-spaced probe. Under DDP only
+checkpoint cadence and at the end, not at every early log-spaced probe. Under DDP only
 rank 0 probes. Hooks exist only inside the probe calls, so training steps carry no probe overhead.
 """
 
@@ -36,14 +36,20 @@ def probe_steps(max_steps: int, log_spaced_until: int, every: int, at_end: bool 
 
 
 class ProbeCallback(L.Callback):
+    """Probes at ``steps``. A *full* step (a multiple of ``every``, the checkpoint cadence, or the end of
+    training) runs every enabled probe and redraws the figures; the other (early, log-spaced) steps run
+    only the probes in ``early`` and skip the figures, so dense early sampling stays cheap."""
+
     def __init__(self, tokens: torch.Tensor, probes: Mapping[str, Mapping[str, Any]], steps: list[int],
-                 reporter: ProbeReporter, at_end: bool = True, figure_every: int = 0):
+                 reporter: ProbeReporter, at_end: bool = True, every: int = 0,
+                 early: Optional[set[str]] = None):
         self.tokens = tokens
-        self.at_end = at_end
         self.probes = probes
         self.steps = set(steps)
-        self.figure_every = figure_every  # figures at multiples of this (the checkpoint cadence) and at the end
         self.reporter = reporter
+        self.at_end = at_end
+        self.every = every
+        self.early = set(probes) if early is None else set(early)
         self.seconds = 0.0  # wall time spent probing, for the overhead benchmark
         self._done: set[int] = set()
 
@@ -51,12 +57,14 @@ class ProbeCallback(L.Callback):
         step = trainer.global_step
         if step in self._done or not trainer.is_global_zero or not self.probes:
             return
+        full = last or step >= trainer.max_steps or (self.every > 0 and step > 0 and step % self.every == 0)
+        probes = self.probes if full else {n: o for n, o in self.probes.items() if n in self.early}
+        if not probes:
+            return
         start = time.perf_counter()
         bridge = to_transformer_lens(pl_module.model)
-        results = run_probes(bridge, self.tokens.to(pl_module.device), self.probes)
-        last = last or step >= trainer.max_steps
-        draw = last or (self.figure_every > 0 and step > 0 and step % self.figure_every == 0)
-        self.reporter.report(results, step, draw=draw)
+        results = run_probes(bridge, self.tokens.to(pl_module.device), probes)
+        self.reporter.report(results, step, draw=full)
         self._done.add(step)
         self.seconds += time.perf_counter() - start
 

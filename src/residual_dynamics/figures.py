@@ -79,6 +79,7 @@ def layer_step_heatmap(rows: Iterable[Mapping], path, title: str = "") -> Option
     im = ax.imshow(grid, aspect="auto", origin="lower", cmap="magma")
     ax.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=90, fontsize=7)
     ax.set_xlabel("step")
+    ax.set_yticks(range(n_layers))
     ax.set_ylabel("layer")
     ax.set_title(title or "log10 residual norm (resid_post)")
     fig.colorbar(im, ax=ax)

@@ -77,8 +77,9 @@ class ProbeReporter:
             "norm_vs_layer": figures.norm_vs_layer(history, out_dir / "norm_vs_layer.png"),
             "layer_step_heatmap": None if self.pretrained else figures.layer_step_heatmap(
                 history, out_dir / "layer_step_heatmap.png"),
-            "growth_curve": figures.growth_curve(history, out_dir / "growth_curve.png"),
-            "W_OV": figures.head_norms(history, out_dir / "W_OV_norms.png"),
+            # a pretrained run is one point in time: its growth fit and per-head W_OV are the figures
+            "growth_curve": figures.growth_curve(history, out_dir / "growth_curve.png") if self.pretrained else None,
+            "W_OV": figures.head_norms(history, out_dir / "W_OV_norms.png") if self.pretrained else None,
         }
         return {name: path for name, path in drawn.items() if path is not None}
 

@@ -148,7 +148,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from residual_dynamics.callbacks import ProbeCallback, probe_steps
     from residual_dynamics.data.datamodule import TokenDataModule
     from residual_dynamics.lit import LitTransformer
-    from residual_dynamics.probes.registry import enabled_probes
+    from residual_dynamics.probes.registry import early_probes, enabled_probes
     from residual_dynamics.tracking import ProbeReporter
 
     validate(cfg)
@@ -199,7 +199,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                cfg.probes.schedule.at_end)
         probe_callback = ProbeCallback(data.probe_batch(cfg.probes.batch_size, cfg.probes.seq_len), probes,
                                        schedule, reporter, at_end=cfg.probes.schedule.at_end,
-                                       figure_every=cfg.probes.schedule.every)
+                                       every=cfg.probes.schedule.every, early=early_probes(cfg.probes))
         callbacks.append(probe_callback)
 
     trainer = L.Trainer(

@@ -1,7 +1,7 @@
 """Which probes exist, and running the enabled ones with their configured options.
 
-``conf/probes/<name>.yaml`` has one section per probe: ``enabled`` plus keyword options passed to the
-probe function as they are. The callback (trained models) and ``residual_dynamics.probe`` (pretrained
+``conf/probes/<name>.yaml`` has one section per probe: ``enabled``, ``early`` (whether it also runs at the
+log-spaced early training steps) and keyword options passed to the probe function as they are. The callback (trained models) and ``residual_dynamics.probe`` (pretrained
 models) both call :func:`run_probes`, so both produce the same results and the same metric keys.
 
 Probes that only read activations of one forward over the tokens (those whose module has a
@@ -38,7 +38,7 @@ def pass_builder(name: str) -> Optional[Callable]:
     return getattr(importlib.import_module(f"residual_dynamics.probes.{name}"), f"{name}_pass", None)
 
 
-_NOT_OPTIONS = {"enabled"}
+_NOT_OPTIONS = {"enabled", "early"}
 
 
 def enabled_probes(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -58,6 +58,12 @@ def enabled_probes(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
                                   f"{[p for p in accepted if p not in ('bridge', 'tokens', 'attention_mask')]}")
         out[name] = options
     return out
+
+
+def early_probes(cfg: Mapping[str, Any]) -> set[str]:
+    """The enabled probes that also run at the dense log-spaced early steps (``early: true``, the
+    default); the others run only at the checkpoint cadence and at the end of training."""
+    return {name for name in enabled_probes(cfg) if cfg[name].get("early", True)}
 
 
 def run_probes(bridge, tokens: torch.Tensor, probes: Mapping[str, Mapping[str, Any]],
