@@ -250,3 +250,34 @@ def test_pass_builders_take_exactly_the_probe_options():
         if builder is not None:
             assert inspect.signature(builder).parameters == inspect.signature(probe_function(name)).parameters
     assert builders["residual_norms"] is residual_norms_pass and builders["activation_rates"] is activation_rates_pass
+
+
+def test_parallel_blocks_report_unsupported_probes_instead_of_failing():
+    """GPT-NeoX / Pythia blocks run attention and MLP in parallel: the horizon and clean-up probes say so in
+    their result, the other probes still measure, and the run does not fail."""
+    import transformers
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from residual_dynamics.probes.common import Unsupported
+    from residual_dynamics.probes.registry import run_probes
+    from reference_models import HF_VOCAB, offline_tokenizer
+
+    torch.manual_seed(0)
+    config = transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, vocab_size=HF_VOCAB, max_position_embeddings=32,
+                                        use_parallel_residual=True)
+    bridge = TransformerBridge.boot_transformers("EleutherAI/pythia-70m",
+                                                 hf_model=transformers.GPTNeoXForCausalLM(config).eval(),
+                                                 tokenizer=offline_tokenizer())
+    assert bridge.cfg.parallel_attn_mlp
+    tokens = torch.randint(0, HF_VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    probes = {"residual_norms": {}, "weight_norms": {}, "activation_rates": {}, "layer_horizon": {"ks": [1, 2]},
+              "cleanup": {}}
+    results = run_probes(bridge, tokens, probes)
+    for name in ("layer_horizon", "cleanup"):
+        assert isinstance(results[name], Unsupported) and "parallel" in results[name].note
+        assert results[name].records() == []
+    names = {record.name for record in results["residual_norms"].records()}
+    assert "resid_norm/resid_post" in names and "growth_rate" in names
+    assert any(record.name == "W_OV" for record in results["weight_norms"].records())
+    assert results["activation_rates"].records()

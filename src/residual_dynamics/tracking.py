@@ -96,6 +96,9 @@ class ProbeReporter:
             payload[f"probe_figures/{name}"] = wandb.Image(str(path))
         payload[STEP_KEY] = step
         self.wandb_run.log(payload)
+        for name, result in results.items():  # e.g. a probe this architecture does not support
+            if getattr(result, "note", ""):
+                self.wandb_run.summary[f"probe_notes/{name}"] = result.note
 
 
 def _norm_table(payload: Mapping[str, float]):

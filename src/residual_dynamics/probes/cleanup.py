@@ -62,7 +62,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from residual_dynamics.probes.common import Record, position_mask
+from residual_dynamics.probes.common import ProbeUnsupported, Record, position_mask
 
 QUANTILES = (0.25, 0.5, 0.75)
 
@@ -179,6 +179,9 @@ def cleanup(
 
     ``writers``: node names to treat as writers (default: every node).
     """
+    if getattr(bridge.cfg, "parallel_attn_mlp", False):
+        raise ProbeUnsupported("cleanup: parallel attention + MLP blocks (GPT-NeoX / Pythia, GPT-J) have no "
+                               "resid_mid point, which the forward-order scan needs; not supported yet")
     nodes = nodes_of(bridge)
     names = [node.name for node in nodes]
     writer_names = names if writers is None else list(writers)

@@ -34,6 +34,22 @@ class ProbeResult(Protocol):
     def records(self) -> list[Record]: ...
 
 
+class ProbeUnsupported(Exception):
+    """The model's architecture lacks what a probe needs (e.g. a sublayer order for parallel attention +
+    MLP blocks). ``run_probes`` turns it into an :class:`Unsupported` result that says so, instead of
+    failing the whole run."""
+
+
+@dataclass
+class Unsupported:
+    """The result of a probe that cannot run on this architecture: no records, only the reason."""
+
+    note: str
+
+    def records(self) -> list[Record]:
+        return []
+
+
 def position_mask(tokens: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Boolean [batch, pos] mask of the positions that enter statistics.
 

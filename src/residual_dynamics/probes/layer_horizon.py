@@ -61,7 +61,7 @@ from typing import Literal, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from residual_dynamics.probes.common import Record, position_mask
+from residual_dynamics.probes.common import ProbeUnsupported, Record, position_mask
 
 Mode = Literal["clean", "same_pass"]
 
@@ -116,7 +116,8 @@ class Sublayer:
 def sublayers(bridge) -> list[Sublayer]:
     """The sublayers in forward order: attn_0, mlp_0, attn_1, ... (attn-only models: attns only)."""
     if getattr(bridge.cfg, "parallel_attn_mlp", False):
-        raise ValueError("layer_horizon: parallel attention + MLP blocks have no sublayer order")
+        raise ProbeUnsupported("layer_horizon: parallel attention + MLP blocks (GPT-NeoX / Pythia, GPT-J) read the "
+                               "same input, so there is no sublayer order to truncate")
     hook_names = set(bridge.hook_dict)
     has_mlp = "blocks.0.hook_mlp_out" in hook_names
     plan = []
@@ -128,7 +129,7 @@ def sublayers(bridge) -> list[Sublayer]:
     needed |= {name for sub in plan for name in (sub.input_hook, sub.output_hook)}
     missing = sorted(needed - hook_names)
     if missing:
-        raise ValueError(f"layer_horizon: the bridge has no hook points {missing}")
+        raise ProbeUnsupported(f"layer_horizon: the bridge has no hook points {missing}")
     return plan
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from residual_dynamics.errors import ConfigError
+from residual_dynamics.probes.common import ProbeUnsupported, Unsupported
 
 
 PROBE_NAMES = ("residual_norms", "weight_norms", "activation_rates", "layer_horizon", "cleanup")
@@ -71,7 +72,9 @@ def run_probes(bridge, tokens: torch.Tensor, probes: Mapping[str, Mapping[str, A
     """Run each probe in ``probes`` (from :func:`enabled_probes`) and return {name: result}, in the order
     of ``probes``.
 
-    ``attention_mask`` goes to the probes that read activations (weight norms take none). The probes with
+    ``attention_mask`` goes to the probes that read activations (weight norms take none). A probe that
+    raises :class:`ProbeUnsupported` (the architecture lacks what it needs) gets an :class:`Unsupported`
+    result with the reason instead of failing the run. The probes with
     a pass builder run in one shared forward (see the module doc); their results equal those of calling
     each probe function on its own."""
     from residual_dynamics.probes.forward import run_activation_passes
@@ -88,5 +91,8 @@ def run_probes(bridge, tokens: torch.Tensor, probes: Mapping[str, Mapping[str, A
         function = probe_function(name)
         if "attention_mask" in inspect.signature(function).parameters:
             options = {**options, "attention_mask": attention_mask}
-        out[name] = function(bridge, tokens, **options)
+        try:
+            out[name] = function(bridge, tokens, **options)
+        except ProbeUnsupported as reason:  # the architecture lacks what the probe needs: say so, go on
+            out[name] = Unsupported(note=str(reason))
     return out
