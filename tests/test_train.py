@@ -56,6 +56,9 @@ BAD = [
     (["logger.mode=sometimes"], ConfigError, "logger.mode"),
     (["+probes.layer_horizon.bogus=1"], ConfigError, "probes.layer_horizon.bogus"),
     (["probes.seq_len=1"], ConfigError, "probes.seq_len"),
+    (["probes.layer_horizon.mode=bogus"], ConfigError, "probes.layer_horizon"),
+    (["probes.residual_norms.fit_layers=[2,9]"], ConfigError, "probes.residual_norms"),
+    (["probes.layer_horizon.ks=[0,2]"], ConfigError, "probes.layer_horizon"),
     (["ckpt_path=/nonexistent/last.ckpt"], DataError, "/nonexistent/last.ckpt"),
 ]
 

@@ -7,6 +7,7 @@ and the figures are. Every config value is validated before any compute (``valid
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -79,9 +80,28 @@ def validate(cfg: DictConfig) -> None:
             value = cfg.probes.schedule[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"probes.schedule.{key}", f"must be an integer >= 0, got {value!r}")
+        _dry_run_probes(model, enabled)
 
     if cfg.ckpt_path not in (None, "last"):
         _check_checkpoint(Path(cfg.ckpt_path), cfg)
+
+
+def _dry_run_probes(model: ModelConfig, probes: dict[str, dict[str, Any]]) -> None:
+    """Run the enabled probes once on a tiny model with the configured depth, heads, norm and activation,
+    so that a bad probe option value (a horizon mode, a fit range past the last layer) fails here with the
+    probe's own message, naming its config section, before any data or training compute."""
+    from residual_dynamics.convert import to_transformer_lens
+    from residual_dynamics.model import Transformer
+    from residual_dynamics.probes.registry import run_probes
+
+    tiny = dataclasses.replace(model, d_model=4 * model.n_heads, d_head=4, d_mlp=16, d_vocab=16, n_ctx=8)
+    bridge = to_transformer_lens(Transformer(tiny))
+    tokens = torch.arange(16).reshape(2, 8)
+    for name, options in probes.items():
+        try:
+            run_probes(bridge, tokens, {name: options})
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"probes.{name}", str(exc)) from None
 
 
 def _check_checkpoint(path: Path, cfg: DictConfig) -> None:
