@@ -78,12 +78,22 @@ def test_default_and_shipped_configs_validate():
         validate(compose_cfg(overrides))
 
 
-def test_sweep_config_composes_through_the_readme_command(tmp_path):
-    """`--config-dir sweeps --config-name heads_x_seeds`, as in the README, with --cfg to print, not run."""
-    proc = cli(["--config-dir", str(REPO / "sweeps"), "--config-name", "heads_x_seeds", "--cfg", "all"], tmp_path)
+SWEEPS = [
+    ("heads_x_seeds", "heads_vs_growth", ["model.n_heads: 1,2,4,8", "seed: 0,1,2"]),
+    ("depth_x_horizon", "horizon_vs_depth", ["model.n_layers: 2,4,6,8", "seed: 0,1"]),
+    ("norm_x_decay", "norm_x_decay", ["model.normalization_type: LN,LNPre,RMS,RMSPre,none",
+                                      "optim.decay_norm_params: false,true"]),
+]
+
+
+@pytest.mark.parametrize("sweep,group,params", SWEEPS, ids=[s[0] for s in SWEEPS])
+def test_sweep_config_composes_through_the_readme_command(sweep, group, params, tmp_path):
+    """`--config-dir sweeps --config-name <sweep>`, as in the README, with --cfg to print, not run."""
+    proc = cli(["--config-dir", str(REPO / "sweeps"), "--config-name", sweep, "--cfg", "all"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "group: heads_vs_growth" in proc.stdout
-    assert "model.n_heads: 1,2,4,8" in proc.stdout and "seed: 0,1,2" in proc.stdout
+    assert f"group: {group}" in proc.stdout
+    for param in params:
+        assert param in proc.stdout
 
 
 def test_cli_rejects_bad_config_before_any_compute(tmp_path):
