@@ -129,7 +129,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     contenders = {"lightning": LightningRun, "bare_loop": ours_bare, "transformer_lens": transformer_lens_bare}
     runners = {name: make(args.device, args.precision) for name, make in contenders.items()}
-    for name, runner in runners.items():
+    for runner in runners.values():  # warmup
         runner.run(batches(args.warmup, args.device, seed=1))
     times: dict[str, list[float]] = {name: [] for name in runners}
     for r in range(args.rounds):

@@ -1,6 +1,5 @@
 """Test-wide setup: no network, W&B offline into temporary directories, one shared data cache."""
 
-import os
 from pathlib import Path
 
 import pytest

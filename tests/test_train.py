@@ -57,6 +57,7 @@ BAD = [
     (["+probes.layer_horizon.bogus=1"], ConfigError, "probes.layer_horizon.bogus"),
     (["probes.seq_len=1"], ConfigError, "probes.seq_len"),
     (["probes.layer_horizon.mode=bogus"], ConfigError, "probes.layer_horizon"),
+    (["probes.cleanup.early=sometimes"], ConfigError, "probes.cleanup.early"),
     (["probes.residual_norms.fit_layers=[2,9]"], ConfigError, "probes.residual_norms"),
     (["probes.layer_horizon.ks=[0,2]"], ConfigError, "probes.layer_horizon"),
     (["ckpt_path=/nonexistent/last.ckpt"], DataError, "/nonexistent/last.ckpt"),

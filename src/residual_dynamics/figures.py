@@ -127,7 +127,7 @@ def head_norms(rows: Iterable[Mapping], path, name: str = "W_OV", title: str = "
         if row["name"] == name and row["head"] is not None and row["step"] == last and row["value"] is not None:
             per_head[int(row["head"])][int(row["layer"])] = float(row["value"])
     fig, ax = plt.subplots(figsize=(6, 4))
-    for head, values in sorted(per_head.items()):
+    for values in per_head.values():
         layers = sorted(values)
         ax.plot(layers, [values[l] for l in layers], color="grey", alpha=0.6, lw=1)
     layers = sorted({l for v in per_head.values() for l in v})

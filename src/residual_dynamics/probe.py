@@ -128,7 +128,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if wandb_dir is not None:
         print(f"  W&B run       : {wandb_dir}")
     print(f"  probe results : {reporter.results.path}")
-    for name, path in pngs.items():
+    for path in pngs.values():
         print(f"  figure        : {path}")
     return {"run_dir": run_dir, "results": results, "wandb": wandb_dir, "figures": pngs, "info": info}
 

@@ -13,7 +13,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import hydra
 import lightning as L
@@ -39,8 +39,9 @@ def _positive_int(value: Any, field: str) -> int:
     return value
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check every group before any compute; raise ConfigError naming the first bad field."""
+def validate(cfg: DictConfig) -> Optional[tuple[str, int]]:
+    """Check every group before any compute; raise ConfigError naming the first bad field. Returns the
+    checkpoint to resume from with its step (see :func:`_resume_point`), or None."""
     from residual_dynamics.data.config import validate_data_config
     from residual_dynamics.probes.registry import enabled_probes
 
@@ -82,8 +83,7 @@ def validate(cfg: DictConfig) -> None:
                 raise ConfigError(f"probes.schedule.{key}", f"must be an integer >= 0, got {value!r}")
         _dry_run_probes(model, enabled)
 
-    if cfg.ckpt_path not in (None, "last"):
-        _check_checkpoint(Path(cfg.ckpt_path), cfg)
+    return _resume_point(cfg)
 
 
 def _dry_run_probes(model: ModelConfig, probes: dict[str, dict[str, Any]]) -> None:
@@ -104,8 +104,23 @@ def _dry_run_probes(model: ModelConfig, probes: dict[str, dict[str, Any]]) -> No
             raise ConfigError(f"probes.{name}", str(exc)) from None
 
 
-def _check_checkpoint(path: Path, cfg: DictConfig) -> None:
-    """A checkpoint must exist, load, and describe the same model as the config."""
+def _resume_point(cfg: DictConfig) -> Optional[tuple[str, int]]:
+    """(checkpoint path, its global step) to resume from, or None for a fresh run. ``ckpt_path=last`` with
+    no last.ckpt yet is a fresh run (so the same command can requeue a SLURM job)."""
+    if cfg.ckpt_path is None:
+        return None
+    if cfg.ckpt_path == "last":
+        path = Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            log.warning("ckpt_path=last but %s does not exist yet: starting a fresh run", path)
+            return None
+    else:
+        path = Path(cfg.ckpt_path)
+    return str(path), _check_checkpoint(path, cfg)
+
+
+def _check_checkpoint(path: Path, cfg: DictConfig) -> int:
+    """A checkpoint must exist, load, and describe the same model as the config. Returns its global step."""
     if not path.is_file():
         raise DataError(f"{path}: checkpoint file not found (ckpt_path)")
     try:
@@ -121,6 +136,7 @@ def _check_checkpoint(path: Path, cfg: DictConfig) -> None:
             continue
         if key in saved and saved[key] != value:
             raise ConfigError(f"model.{key}", f"{value!r} differs from the checkpoint's {saved[key]!r} ({path})")
+    return int(ckpt["global_step"])
 
 
 def _wandb_run_id(run_dir: Path) -> str:
@@ -171,20 +187,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from residual_dynamics.probes.registry import early_probes, enabled_probes
     from residual_dynamics.tracking import ProbeReporter
 
-    validate(cfg)
+    resume = validate(cfg)
+    ckpt_path, resume_step = resume if resume is not None else (None, 0)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
-    ckpt_path = None
-    if cfg.ckpt_path == "last":
-        last = ckpt_dir / "last.ckpt"
-        if last.is_file():
-            _check_checkpoint(last, cfg)
-            ckpt_path = str(last)
-        else:
-            log.warning("ckpt_path=last but %s does not exist yet: starting a fresh run", last)
-    elif cfg.ckpt_path is not None:
-        ckpt_path = str(cfg.ckpt_path)
 
     L.seed_everything(cfg.seed, workers=True)
     data = TokenDataModule(cfg.data, cfg.tokenizer, cfg.paths.cache_dir, seq_len=cfg.data.seq_len,
@@ -213,8 +220,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         reporter = ProbeReporter(run_dir, wandb_run=wandb_run,
                                  meta={"run": str(cfg.run_name), "model": cfg.model.name})
         if ckpt_path is not None and rank_zero_only.rank == 0:  # rows after the resumed step are recomputed
-            reporter.results.truncate_from(int(torch.load(ckpt_path, map_location="cpu",
-                                                          weights_only=False)["global_step"]) + 1)
+            reporter.results.truncate_from(resume_step + 1)
         schedule = probe_steps(max_steps, cfg.probes.schedule.log_spaced_until, cfg.probes.schedule.every,
                                cfg.probes.schedule.at_end)
         probe_callback = ProbeCallback(data.probe_batch(cfg.probes.batch_size, cfg.probes.seq_len), probes,

@@ -47,7 +47,12 @@ def enabled_probes(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     out = {}
     for name in PROBE_NAMES:
         section = cfg.get(name)
-        if section is None or not section.get("enabled", False):
+        if section is None:
+            continue
+        for switch in _NOT_OPTIONS:
+            if not isinstance(section.get(switch, False), bool):
+                raise ConfigError(f"probes.{name}.{switch}", f"must be true or false, got {section.get(switch)!r}")
+        if not section.get("enabled", False):
             continue
         options = {k: (list(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "ListConfig" else v)
                    for k, v in dict(section).items() if k not in _NOT_OPTIONS}
