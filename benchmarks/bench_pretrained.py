@@ -13,7 +13,7 @@ Face causal LM directory works through ``--model-dir``.
 Contenders, all in this one process on the same bridge and the same batch:
 
 (A) ``probes``: what ``python -m residual_dynamics.probe`` runs for these two probes --
-    ``run_probes(bridge, tokens, {"residual_norms": {}, "activation_rates": {"n_random": R}})``: targeted
+    ``run_probes(bridge, tokens, {"residual_norms": Options(), "activation_rates": Options(n_random=R)})``: targeted
     hooks that reduce each activation to a few numbers inside the forward. ``run_probes`` fuses the two
     probes into ONE hooked forward that stops after the last block (``probes/forward.py``:
     ``run_activation_passes``), so no ln_final, unembedding or logits are computed.
@@ -68,12 +68,12 @@ from typing import Callable, Optional
 
 import torch
 
-from residual_dynamics.pretrained import default_cache_dir, load_pretrained
+from residual_dynamics.pretrained.loading import default_cache_dir, load_pretrained
 from residual_dynamics.probes.activation_rates import normalized_gaussian_inputs
 from residual_dynamics.probes.common import position_mask
-from residual_dynamics.probes.registry import run_probes
+from residual_dynamics.probes.registry import PROBES, run_probes
 from residual_dynamics.probes.residual_norms import HOOK_KINDS, log_linear_fit
-from residual_dynamics.prompts import load_prompts
+from residual_dynamics.pretrained.prompts import load_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 SPEED_TARGET = 1.3  # B time / A time >= this
@@ -120,7 +120,8 @@ def benchmark_batch(tokenizer, batch: int, seq: int, prepend_bos: bool) -> tuple
 
 def contender_a(bridge, tokens, mask, n_random: int) -> dict[str, torch.Tensor]:
     """(A) the probe library, exactly as the CLI calls it."""
-    probes = {"residual_norms": {}, "activation_rates": {"n_random": n_random}}
+    probes = {"residual_norms": PROBES["residual_norms"].Options(),
+              "activation_rates": PROBES["activation_rates"].Options(n_random=n_random)}
     with torch.no_grad():
         results = run_probes(bridge, tokens, probes, attention_mask=mask)
     norms, rates = results["residual_norms"], results["activation_rates"]

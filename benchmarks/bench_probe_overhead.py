@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from residual_dynamics.train import run
+from residual_dynamics.training.train import run
 
 REPO = Path(__file__).resolve().parents[1]
 

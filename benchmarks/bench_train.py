@@ -21,8 +21,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from residual_dynamics.model import ModelConfig, Transformer
-from residual_dynamics.optim import OptimConfig, build_optimizer
+from residual_dynamics.training.model import ModelConfig, Transformer
+from residual_dynamics.training.optim import OptimConfig, build_optimizer
 
 SHAPE = dict(n_layers=4, d_model=256, n_heads=8, d_mlp=1024, n_ctx=256, d_vocab=8192)
 BATCH = 16
@@ -96,10 +96,10 @@ class LightningRun:
     def __init__(self, device, precision):
         import lightning as L
 
-        from residual_dynamics.lit import LitTransformer
+        from residual_dynamics.training.lit import LitTransformer
 
         torch.manual_seed(0)
-        self.lit = LitTransformer(SHAPE, {}, max_steps=10**9)
+        self.lit = LitTransformer(ModelConfig(**SHAPE), OptimConfig(), max_steps=10**9)
         self.L, self.device, self.precision = L, device, precision
 
     def run(self, data):

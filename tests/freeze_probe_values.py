@@ -17,7 +17,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "probe_values_frozen.json"
 # The fixed model: our Transformer, 3 layers, LN, perturbed gains and biases, seed 1234.
 MODEL = dict(n_layers=3, d_model=32, n_heads=4, d_mlp=64, n_ctx=16, d_vocab=64, act_fn="gelu",
              normalization_type="LN")
-OPTIONS = {
+OPTION_VALUES = {
     "residual_norms": {"fit_layers": None},
     "weight_norms": {"fold_ln": True},
     "activation_rates": {"n_random": 64},
@@ -26,8 +26,18 @@ OPTIONS = {
 }
 
 
+def probe_options(values=OPTION_VALUES) -> dict:
+    """{probe: its Options} from {probe: {option: value}} (run_probes takes Options instances)."""
+    from residual_dynamics.probes.registry import PROBES
+
+    return {name: PROBES[name].Options(**options) for name, options in values.items()}
+
+
+OPTIONS = probe_options()
+
+
 def fixed_model():
-    from residual_dynamics.model import ModelConfig, Transformer
+    from residual_dynamics.training.model import ModelConfig, Transformer
 
     torch.manual_seed(1234)
     model = Transformer(ModelConfig(**MODEL))
@@ -52,11 +62,11 @@ def records_of(results) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from residual_dynamics.convert import to_transformer_lens
+    from residual_dynamics.training.convert import to_transformer_lens
     from residual_dynamics.probes.registry import run_probes
 
     bridge = to_transformer_lens(fixed_model())
     rows = records_of(run_probes(bridge, fixed_tokens(), OPTIONS))
     FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-    FIXTURE.write_text(json.dumps({"model": MODEL, "options": OPTIONS, "records": rows}, indent=0) + "\n")
+    FIXTURE.write_text(json.dumps({"model": MODEL, "options": OPTION_VALUES, "records": rows}, indent=0) + "\n")
     print(f"{len(rows)} values frozen into {FIXTURE}")

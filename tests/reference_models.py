@@ -315,13 +315,22 @@ def offline_tokenizer(vocab_size: int = HF_VOCAB):
 
 def hf_bridge(kind: str):
     """(HF model, bridge, float64 copy of the HF state dict taken before booting) for a random local model
-    with ``HF_VOCAB`` tokens: ``gpt2`` (Conv1D, LN, GELU) or ``llama`` (GQA, gated SiLU MLP, RMSNorm,
-    rotary). Weights are drawn with std 0.1 instead of HF's 0.02, so that every sublayer visibly moves the
-    logits, and norm gains are perturbed so that they matter."""
+    with ``HF_VOCAB`` tokens: ``gpt2`` (Conv1D, LN, GELU), ``llama`` (GQA, gated SiLU MLP, RMSNorm,
+    rotary) or ``neox`` (GPT-NeoX / Pythia: parallel attention + MLP, rotary). Weights are drawn with
+    std 0.1 instead of HF's 0.02, so that every sublayer visibly moves the logits, and norm gains are
+    perturbed so that they matter."""
     import transformers
 
     torch.manual_seed(0)
-    if kind == "gpt2":
+    if kind == "neox":  # parallel attention + MLP blocks (GPT-NeoX / Pythia)
+        name = "EleutherAI/pythia-70m"
+        model = transformers.GPTNeoXForCausalLM(
+            transformers.GPTNeoXConfig(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=HF_VOCAB, max_position_embeddings=32, use_parallel_residual=True, initializer_range=0.1,
+            )
+        )
+    elif kind == "gpt2":
         name = "gpt2"
         model = transformers.GPT2LMHeadModel(
             transformers.GPT2Config(

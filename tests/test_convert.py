@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from residual_dynamics.convert import native_state_dict, to_transformer_lens
-from residual_dynamics.model import ACT_FNS, NORM_TYPES, POS_EMBEDDINGS, ModelConfig, Transformer
+from residual_dynamics.training.convert import native_state_dict, to_transformer_lens
+from residual_dynamics.training.model import ACT_FNS, NORM_TYPES, POS_EMBEDDINGS, ModelConfig, Transformer
 
 VARIANTS = list(itertools.product(NORM_TYPES, ACT_FNS, POS_EMBEDDINGS, [False, True]))
 

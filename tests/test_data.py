@@ -82,11 +82,18 @@ def make_module(
     data_cfg: dict, cache_dir: Path, tokenizer_cfg: dict = BPE, seq_len: int = 16, batch_size: int = 4, **kw
 ) -> TokenDataModule:
     """A TokenDataModule (seed 0 unless given) after prepare_data() and setup()."""
-    kw.setdefault("seed", 0)
-    dm = TokenDataModule(data_cfg, tokenizer_cfg, str(cache_dir), seq_len=seq_len, batch_size=batch_size, **kw)
+    dm = data_module(data_cfg, tokenizer_cfg, cache_dir, seq_len=seq_len, batch_size=batch_size, **kw)
     dm.prepare_data()
     dm.setup("fit")
     return dm
+
+
+def data_module(data_cfg: dict, tokenizer_cfg: dict, cache_dir, seq_len: int = 16, batch_size: int = 4,
+                seed: int = 0, num_workers: int = 0) -> TokenDataModule:
+    """A TokenDataModule from validated settings, as the training entry point builds it."""
+    data, tokenizer = validate_data_config({**data_cfg, "seq_len": seq_len, "batch_size": batch_size,
+                                            "num_workers": num_workers}, tokenizer_cfg, seq_len)
+    return TokenDataModule(data, tokenizer, str(cache_dir), seed=seed)
 
 
 def expected_stream(tok: PreTrainedTokenizerFast, docs: list[str]) -> list[int]:
@@ -131,7 +138,7 @@ def test_text_files_without_matching_files_fails_before_compute(tmp_path):
     (tmp_path / "notes.md").write_text("not a corpus file")
     cache = tmp_path / "cache"
     with pytest.raises(ConfigError) as err:
-        TokenDataModule(text_cfg(tmp_path), BPE, str(cache), seq_len=16, batch_size=4, seed=0)
+        data_module(text_cfg(tmp_path), BPE, cache)
     assert err.value.field == "data.path"
     assert not cache.exists()
 
@@ -139,16 +146,18 @@ def test_text_files_without_matching_files_fails_before_compute(tmp_path):
 def test_config_files_parse_and_default_to_the_documented_values():
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    from composed import group_node
+
     for name in ("embedded", "text_files", "openwebtext"):
-        cfg = OmegaConf.load(conf / "data" / f"{name}.yaml")
+        cfg = group_node("data", name)
         assert cfg.name == name and cfg.seq_len == 128 and cfg.batch_size == 16 and cfg.num_workers == 0
-        assert set(cfg) <= set(DataSettings.__dataclass_fields__)
-    bpe, gpt2 = (OmegaConf.load(conf / "tokenizer" / f"{name}.yaml") for name in ("bpe", "gpt2"))
-    assert OmegaConf.to_container(bpe) == {"name": "bpe", "vocab_size": 4096}
-    assert OmegaConf.to_container(gpt2) == {"name": "gpt2", "path": "gpt2"}
+        assert set(cfg) == set(DataSettings.__dataclass_fields__)
+    assert group_node("data", "openwebtext").val_fraction == 0.01
+    bpe, gpt2 = (group_node("tokenizer", name) for name in ("bpe", "gpt2"))
+    assert (bpe.name, bpe.vocab_size) == ("bpe", 4096)
+    assert (gpt2.name, gpt2.path) == ("gpt2", "gpt2")
     # The default pair validates as is (embedded needs no path).
-    validate_data_config(OmegaConf.load(conf / "data" / "embedded.yaml"), bpe, 128)
+    validate_data_config(group_node("data", "embedded"), bpe, 128)
 
 
 def test_shard_dtype_resolution():
@@ -436,12 +445,12 @@ def test_val_batches_and_probe_batch_are_fixed_held_out_windows(txt_dir, tmp_pat
     assert probe.shape == (6, 32) and probe.dtype == torch.long
     assert torch.equal(probe, dm.probe_batch(6, 32))
     assert all(contains_window(val, row.numpy()) for row in probe)
-    assert torch.equal(sample_sequences(text_cfg(root, val_batches=2), BPE, str(tmp_path), 6, 32), probe)
+    assert torch.equal(sample_sequences(*validate_data_config(text_cfg(root, val_batches=2), BPE, 32), str(tmp_path), 6, 32), probe)
 
 
 def test_tokenizer_and_vocab_size_need_setup(txt_dir, tmp_path):
     root, _ = txt_dir
-    dm = TokenDataModule(text_cfg(root), BPE, str(tmp_path), seq_len=16, batch_size=4, seed=0)
+    dm = data_module(text_cfg(root), BPE, tmp_path)
     with pytest.raises(RuntimeError, match="setup"):
         dm.vocab_size
 

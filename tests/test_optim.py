@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from residual_dynamics.errors import ConfigError
-from residual_dynamics.model import ModelConfig, Transformer
-from residual_dynamics.optim import OptimConfig, build_optimizer, build_scheduler, lr_factor, param_groups
+from residual_dynamics.training.model import ModelConfig, Transformer
+from residual_dynamics.training.optim import OptimConfig, build_optimizer, build_scheduler, lr_factor, param_groups
 
 
 def _names(model, groups):

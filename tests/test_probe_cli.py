@@ -30,10 +30,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import wandb_offline
-from residual_dynamics.probe import x_axis_step
+from residual_dynamics.pretrained.cli import x_axis_step
 from residual_dynamics.probes.common import Record
-from residual_dynamics.prompts import load_prompts
-from residual_dynamics.results import metric_key
+from residual_dynamics.pretrained.prompts import load_prompts
+from residual_dynamics.reporting.results import metric_key
 from test_pretrained import make_tokenizer, smollm2_dir  # noqa: F401  (smollm2_dir is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -286,26 +286,31 @@ def test_cli_logs_the_keys_of_a_training_checkpoint(tiny_probe_run, train_run):
 # --------------------------------------------------------------------------- the x-axis step
 
 
-def test_x_axis_step():
-    def cfg(step=None, revision=None):
-        return OmegaConf.create({"step": step, "model": {"revision": revision}})
+def test_x_axis_step(tmp_path):
+    from types import SimpleNamespace
 
-    assert x_axis_step(cfg(revision="step1000")) == 1000
-    assert x_axis_step(cfg(revision="step0")) == 0
-    assert x_axis_step(cfg(step=7, revision="step1000")) == 7  # an explicit step wins
-    assert x_axis_step(cfg(step=0, revision="step1000")) == 0  # ... even 0
-    assert x_axis_step(cfg(step=5)) == 5
+    from residual_dynamics.spec import parse_probe
+
+    def spec(step=None, revision=None):
+        return SimpleNamespace(step=step, model=SimpleNamespace(revision=revision))
+
+    assert x_axis_step(spec(revision="step1000")) == 1000
+    assert x_axis_step(spec(revision="step0")) == 0
+    assert x_axis_step(spec(step=7, revision="step1000")) == 7  # an explicit step wins
+    assert x_axis_step(spec(step=0, revision="step1000")) == 0  # ... even 0
+    assert x_axis_step(spec(step=5)) == 5
     for revision in (None, "main", "step", "step1000-deduped", "v1.0", "mystep12"):
-        assert x_axis_step(cfg(revision=revision)) == 0, revision
-    assert x_axis_step(OmegaConf.create({"step": None, "model": {}})) == 0  # no revision field at all
+        assert x_axis_step(spec(revision=revision)) == 0, revision
 
-    # through the real config composition, as `model=pythia-160m model.revision=step1000` would give
+    # through the real config composition and parsing, as `model=pythia-160m model.revision=step1000` gives
+    paths = [f"paths.run_dir={tmp_path}", f"paths.cache_dir={tmp_path}", "logger=none"]
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        composed = compose("probe", overrides=["pretrained@model=pythia-160m", "model.revision=step1000"])
-        assert x_axis_step(composed) == 1000
-        composed = compose("probe", overrides=["pretrained@model=pythia-160m", "model.revision=step1000", "step=3"])
-        assert x_axis_step(composed) == 3
-        assert x_axis_step(compose("probe", overrides=["pretrained@model=gpt2"])) == 0
+        composed = compose("probe", overrides=["pretrained@model=pythia-160m", "model.revision=step1000", *paths])
+        assert x_axis_step(parse_probe(composed)) == 1000
+        composed = compose("probe", overrides=["pretrained@model=pythia-160m", "model.revision=step1000", "step=3",
+                                               *paths])
+        assert x_axis_step(parse_probe(composed)) == 3
+        assert x_axis_step(parse_probe(compose("probe", overrides=["pretrained@model=gpt2", *paths]))) == 0
 
 
 # --------------------------------------------------------------------------- bad configs

@@ -1,6 +1,11 @@
-"""run_probes' shared forward: the activation-only probes (residual_norms, activation_rates) in ONE hooked
-forward that stops after the last block, with the same results as each probe on its own, no unembedding,
-and a bridge left exactly as it was."""
+"""The probe table and run_probes.
+
+* The shared forward: the activation-only probes (residual_norms, activation_rates) in ONE hooked forward
+  that stops after the last block, with the same results as each probe on its own, no unembedding, and a
+  bridge left exactly as it was.
+* The table: every probe's Options fields are keyword options of its function (and of its pass builder),
+  ``check_options`` names ``probes.<name>.<field>``, and one mechanism for unsupported architectures.
+"""
 
 import dataclasses
 import inspect
@@ -13,17 +18,36 @@ import torch
 from reference_models import VARIANTS, hf_bridge, make_bridge, random_tokens, right_padding_mask
 from reference_models import single_thread  # noqa: F401  (autouse fixture: torch on one thread)
 
+from residual_dynamics.errors import ConfigError
+from residual_dynamics.probes import activation_rates as activation_rates_mod
+from residual_dynamics.probes import cleanup as cleanup_mod
+from residual_dynamics.probes import layer_horizon as layer_horizon_mod
+from residual_dynamics.probes import residual_norms as residual_norms_mod
+from residual_dynamics.probes import weight_norms as weight_norms_mod
 from residual_dynamics.probes.activation_rates import activation_rates, activation_rates_pass
+from residual_dynamics.probes.arch import Arch
+from residual_dynamics.probes.common import ProbeUnsupported, Unsupported
 from residual_dynamics.probes.forward import ActivationPass, run_activation_passes, stop_hook_name
-from residual_dynamics.probes.registry import PROBE_NAMES, pass_builder, probe_function, run_probes
+from residual_dynamics.probes.registry import PROBE_NAMES, PROBES, ProbeSpec, check_options, run_probes
 from residual_dynamics.probes.residual_norms import residual_norms, residual_norms_pass
 
+
+def options_of(values):
+    """{probe: Options} from {probe: {option: value}}."""
+    return {name: PROBES[name].Options(**kwargs) for name, kwargs in values.items()}
+
+
+def kwargs_of(options):
+    """The keyword options of one Options instance."""
+    return dataclasses.asdict(options)
+
+
 FUSED_VARIANTS = ["ln_gelu", "rms_gated_gqa", "no_norm_relu", "lnpre_attn_only", "rmspre_gated"]
-OPTIONS = {
+OPTIONS = options_of({
     "residual_norms": {"fit_layers": [1, 2], "two_point": [0, 2], "prompt_index": 1},
     "activation_rates": {"n_random": 24, "seed": 3},
-}
-HF_OPTIONS = {"residual_norms": {"prompt_index": 1}, "activation_rates": {"n_random": 16, "seed": 2}}
+})
+HF_OPTIONS = options_of({"residual_norms": {"prompt_index": 1}, "activation_rates": {"n_random": 16, "seed": 2}})
 # Hook points after the last block: none of them may fire in a stopped forward.
 AFTER_BLOCKS = ("ln_final.hook_out", "unembed.hook_in", "unembed.hook_out")
 
@@ -103,10 +127,15 @@ def test_fused_results_equal_standalone_probes(case, padded):
     mask = right_padding_mask([8, 5, 7], 8) if padded else None
 
     fused = run_probes(bridge, tokens, options, attention_mask=mask)
-    alone = {
-        "residual_norms": residual_norms(bridge, tokens, attention_mask=mask, **options["residual_norms"]),
-        "activation_rates": activation_rates(bridge, tokens, attention_mask=mask, **options["activation_rates"]),
-    }
+    alone = {"residual_norms": residual_norms(bridge, tokens, attention_mask=mask,
+                                              **kwargs_of(options["residual_norms"]))}
+    if bridge.cfg.attn_only:  # no MLP: unsupported, the probe did not run (and refuses when called directly)
+        with pytest.raises(ProbeUnsupported) as refusal:
+            activation_rates(bridge, tokens, attention_mask=mask, **kwargs_of(options["activation_rates"]))
+        alone["activation_rates"] = Unsupported(note=str(refusal.value))
+    else:
+        alone["activation_rates"] = activation_rates(bridge, tokens, attention_mask=mask,
+                                                     **kwargs_of(options["activation_rates"]))
     assert list(fused) == list(options)
     assert_same(fused, alone)
     # The order of the probes in the config sets the order of the keys, not the numbers.
@@ -136,10 +165,11 @@ def test_fused_path_runs_one_forward_and_no_unembedding(case):
     )
 
     # Each probe on its own: one stopped forward each, no unembedding either.
+    has_mlp = not bridge.cfg.attn_only
     with HookCounter(bridge, names) as counter:
         residual_norms(bridge, tokens, attention_mask=mask)
-        activation_rates(bridge, tokens, attention_mask=mask, n_random=4)
-    has_mlp = not bridge.cfg.attn_only
+        if has_mlp:
+            activation_rates(bridge, tokens, attention_mask=mask, n_random=4)
     assert counter.counts["blocks.0.hook_resid_pre"] == 1 + has_mlp
     assert counter.counts["unembed.hook_out"] == 0
 
@@ -153,20 +183,21 @@ def test_other_probes_run_as_before_and_keys_are_unchanged():
     bridge = make_bridge(**VARIANTS["rms_gated_gqa"])
     tokens = random_tokens(3, 8, seed=6)
     mask = right_padding_mask([8, 6, 8], 8)
-    probes = {
+    probes = options_of({
         "cleanup": {"threshold": 0.3},
         "residual_norms": {"fit_layers": [0, 2]},
         "weight_norms": {"fold_ln": True},
         "activation_rates": {"n_random": 16},
         "layer_horizon": {"ks": [1, 2]},
-    }
+    })
     results = run_probes(bridge, tokens, probes, attention_mask=mask)
     assert list(results) == list(probes)
     for name, options in probes.items():
-        function = probe_function(name)
-        if "attention_mask" in inspect.signature(function).parameters:
-            options = {**options, "attention_mask": mask}
-        assert_same(results[name], function(bridge, tokens, **options), name)
+        assert_same(results[name], PROBES[name].fn(bridge, tokens, attention_mask=mask, **kwargs_of(options)), name)
+    # An Arch handed in is used as it is (the same one Arch.of builds), with the same numbers.
+    given = run_probes(bridge, tokens, probes, attention_mask=mask, arch=Arch.of(bridge))
+    for name in probes:
+        assert_same(given[name], results[name], name)
 
 
 @pytest.mark.parametrize("case", ["ln_gelu", "no_norm_gelu", "ln_attn_only", "hf_gpt2", "hf_llama"])
@@ -231,52 +262,131 @@ def test_hooks_after_the_stop_are_reported_not_silently_empty():
         run_activation_passes(bridge, random_tokens(2, 5), [ActivationPass([("unembed.hook_out", read)], lambda: 0)])
 
 
-def test_passes_without_hooks_run_no_forward():
+def test_passes_without_hooks_and_unsupported_probes_run_no_forward():
     bridge = make_bridge(attn_only=True)
     tokens = random_tokens(2, 5)
     with HookCounter(bridge, ["blocks.0.hook_resid_pre"]) as counter:
-        result = run_probes(bridge, tokens, {"activation_rates": {}})
+        result = run_probes(bridge, tokens, {"activation_rates": activation_rates_mod.Options()})
         assert run_activation_passes(bridge, tokens, []) == []
     assert counter.counts["blocks.0.hook_resid_pre"] == 0
-    assert_same(result["activation_rates"], activation_rates(bridge, tokens))
-    assert "attention-only" in result["activation_rates"].note
+    assert isinstance(result["activation_rates"], Unsupported)
+    assert "attention-only" in result["activation_rates"].note and result["activation_rates"].records() == []
 
 
-def test_pass_builders_take_exactly_the_probe_options():
-    """enabled_probes validates options against the probe function; the builder gets the same options."""
-    builders = {name: pass_builder(name) for name in PROBE_NAMES}
-    assert {name for name, builder in builders.items() if builder is not None} == {"residual_norms", "activation_rates"}
-    for name, builder in builders.items():
-        if builder is not None:
-            assert inspect.signature(builder).parameters == inspect.signature(probe_function(name)).parameters
-    assert builders["residual_norms"] is residual_norms_pass and builders["activation_rates"] is activation_rates_pass
+MODULES = {"residual_norms": residual_norms_mod, "weight_norms": weight_norms_mod,
+           "activation_rates": activation_rates_mod, "layer_horizon": layer_horizon_mod, "cleanup": cleanup_mod}
+NOT_OPTIONS = {"bridge", "tokens", "attention_mask", "arch"}
+
+
+def test_the_table_lists_every_probe_with_its_own_pieces():
+    assert PROBE_NAMES == ("residual_norms", "weight_norms", "activation_rates", "layer_horizon", "cleanup")
+    assert tuple(PROBES) == PROBE_NAMES
+    for name, spec in PROBES.items():
+        module = MODULES[name]
+        assert isinstance(spec, ProbeSpec)
+        assert spec.fn is getattr(module, name) and spec.Options is module.Options
+        assert spec.unsupported is module.unsupported
+        assert not spec.Options.__dataclass_params__.frozen  # Hydra merges into it
+    assert {name for name, spec in PROBES.items() if spec.pass_builder is not None} == {"residual_norms",
+                                                                                        "activation_rates"}
+    assert PROBES["residual_norms"].pass_builder is residual_norms_pass
+    assert PROBES["activation_rates"].pass_builder is activation_rates_pass
+
+
+@pytest.mark.parametrize("name", PROBE_NAMES)
+def test_options_fields_are_exactly_the_keyword_options_of_the_probe(name):
+    """Options fields = the probe function's keyword options (minus attention_mask and arch), with the same
+    defaults; the pass builder takes the same keywords as the function."""
+    spec = PROBES[name]
+    parameters = inspect.signature(spec.fn).parameters
+    keyword = {key: p.default for key, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert {"attention_mask", "arch"} <= set(parameters)
+    options = {field.name: field.default for field in dataclasses.fields(spec.Options)}
+    assert not set(options) & NOT_OPTIONS
+    assert options == {key: default for key, default in keyword.items() if key not in NOT_OPTIONS}
+    if spec.pass_builder is not None:
+        assert inspect.signature(spec.pass_builder).parameters == parameters
+
+
+def test_check_options_names_the_probe_field():
+    arch = Arch.of(make_bridge())  # 3 layers with MLPs: 6 sublayers
+    with pytest.raises(ConfigError) as error:
+        check_options("layer_horizon", layer_horizon_mod.Options(ks=[1, 100]), arch)
+    assert error.value.field == "probes.layer_horizon.ks"
+    assert str(error.value).startswith("probes.layer_horizon.ks: horizons must be integers in 1..6")
+    with pytest.raises(ConfigError) as error:
+        check_options("activation_rates", activation_rates_mod.Options(n_random=0), arch)
+    assert error.value.field == "probes.activation_rates.n_random"
+    with pytest.raises(ConfigError, match=r"^probes\.cleanup\.threshold: must be a number, got 'abc'$"):
+        check_options("cleanup", cleanup_mod.Options(threshold="abc"), arch)
+    with pytest.raises(ConfigError, match="probes.residual_norms"):  # the wrong Options class
+        check_options("residual_norms", cleanup_mod.Options(), arch)
+    for name in PROBE_NAMES:  # the defaults are fine
+        check_options(name, PROBES[name].Options(), arch)
+
+
+def test_run_probes_checks_the_options_before_running_any_probe():
+    bridge = make_bridge()
+    tokens = random_tokens(2, 6)
+    with HookCounter(bridge, ["blocks.0.hook_resid_pre"]) as counter:
+        with pytest.raises(ConfigError, match="probes.layer_horizon.ks"):
+            run_probes(bridge, tokens, {"residual_norms": residual_norms_mod.Options(),
+                                        "layer_horizon": layer_horizon_mod.Options(ks=[100])})
+        with pytest.raises(TypeError, match="Options"):  # plain dicts are not options
+            run_probes(bridge, tokens, {"residual_norms": {"fit_layers": [0, 2]}})
+    assert counter.counts["blocks.0.hook_resid_pre"] == 0
+
+
+def test_config_sections_subclassing_options_run_with_the_probe_fields_only():
+    """The config module subclasses Options with enabled / early: run_probes passes only the probe's fields."""
+
+    @dataclasses.dataclass
+    class Section(residual_norms_mod.Options):
+        enabled: bool = True
+        early: bool = False
+
+    bridge = make_bridge()
+    tokens = random_tokens(2, 6)
+    section = Section(fit_layers=[0, 2])
+    check_options("residual_norms", section, Arch.of(bridge))
+    got = run_probes(bridge, tokens, {"residual_norms": section})["residual_norms"]
+    assert_same(got, residual_norms(bridge, tokens, fit_layers=(0, 2)))
+
+
+def test_unsupported_is_decided_by_the_spec_before_the_probe_runs(monkeypatch):
+    """ONE mechanism: the spec's unsupported(arch) gives the reason; the probe function is never called."""
+    bridge = make_bridge()
+    tokens = random_tokens(2, 6)
+    calls = []
+
+    def never(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("an unsupported probe ran")
+
+    spec = PROBES["weight_norms"]
+    monkeypatch.setitem(PROBES, "weight_norms", dataclasses.replace(spec, fn=never, unsupported=lambda arch: "nope"))
+    result = run_probes(bridge, tokens, {"weight_norms": weight_norms_mod.Options()})["weight_norms"]
+    assert calls == [] and isinstance(result, Unsupported) and result.note == "nope" and result.records() == []
 
 
 def test_parallel_blocks_report_unsupported_probes_instead_of_failing():
     """GPT-NeoX / Pythia blocks run attention and MLP in parallel: the horizon and clean-up probes say so in
     their result, the other probes still measure, and the run does not fail."""
-    import transformers
-    from transformer_lens.model_bridge import TransformerBridge
+    from reference_models import HF_VOCAB
 
-    from residual_dynamics.probes.common import Unsupported
-    from residual_dynamics.probes.registry import run_probes
-    from reference_models import HF_VOCAB, offline_tokenizer
-
-    torch.manual_seed(0)
-    config = transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, vocab_size=HF_VOCAB, max_position_embeddings=32,
-                                        use_parallel_residual=True)
-    bridge = TransformerBridge.boot_transformers("EleutherAI/pythia-70m",
-                                                 hf_model=transformers.GPTNeoXForCausalLM(config).eval(),
-                                                 tokenizer=offline_tokenizer())
+    bridge = hf_bridge("neox")[1]
     assert bridge.cfg.parallel_attn_mlp
     tokens = torch.randint(0, HF_VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
-    probes = {"residual_norms": {}, "weight_norms": {}, "activation_rates": {}, "layer_horizon": {"ks": [1, 2]},
-              "cleanup": {}}
+    probes = options_of({"residual_norms": {}, "weight_norms": {}, "activation_rates": {},
+                         "layer_horizon": {"ks": [1, 2]}, "cleanup": {}})
+    arch = Arch.of(bridge)
     results = run_probes(bridge, tokens, probes)
     for name in ("layer_horizon", "cleanup"):
         assert isinstance(results[name], Unsupported) and "parallel" in results[name].note
+        assert results[name].note == PROBES[name].unsupported(arch)
         assert results[name].records() == []
+        with pytest.raises(ProbeUnsupported, match="parallel"):  # called directly: the same reason, raised
+            PROBES[name].fn(bridge, tokens, **kwargs_of(probes[name]))
     names = {record.name for record in results["residual_norms"].records()}
     assert "resid_norm/resid_post" in names and "growth_rate" in names
     assert any(record.name == "W_OV" for record in results["weight_norms"].records())

@@ -13,7 +13,7 @@ from freeze_probe_values import FIXTURE, OPTIONS, fixed_model, fixed_tokens, rec
 
 
 def test_probe_values_equal_the_frozen_ones():
-    from residual_dynamics.convert import to_transformer_lens
+    from residual_dynamics.training.convert import to_transformer_lens
     from residual_dynamics.probes.registry import run_probes
 
     frozen = json.loads(FIXTURE.read_text())

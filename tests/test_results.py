@@ -5,10 +5,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from residual_dynamics.callbacks import probe_steps
+from residual_dynamics.errors import ConfigError
+
+from residual_dynamics.training.callbacks import ProbeSchedule
 from residual_dynamics.probes.common import Record, position_mask
-from residual_dynamics.results import ResultsFile, metric_key, rows, scalars
-from residual_dynamics.tracking import resolve_wandb_mode
+from residual_dynamics.reporting.results import ResultsFile, metric_key, rows, scalars
+from residual_dynamics.reporting.logger import resolve_wandb_mode
 
 
 @dataclass
@@ -49,9 +51,11 @@ def test_results_file_survives_a_torn_line_and_truncates_on_resume(tmp_path):
 
 
 def test_probe_schedule():
-    assert probe_steps(600, 64, 200) == [0, 1, 2, 4, 8, 16, 32, 200, 400, 600]
-    assert probe_steps(10, 4, 0, at_end=False) == [0, 1, 2]
-    assert probe_steps(5, 64, 200) == [0, 1, 2, 4, 5]
+    schedule = ProbeSchedule(600, 64, 200)
+    assert schedule.steps == [0, 1, 2, 4, 8, 16, 32, 200, 400, 600]
+    assert [s for s in schedule.steps if schedule.is_full(s)] == [200, 400, 600]
+    assert ProbeSchedule(10, 4, 0, at_end=False).steps == [0, 1, 2]
+    assert ProbeSchedule(5, 64, 200).steps == [0, 1, 2, 4, 5]
 
 
 def test_position_mask_drops_position_zero_and_padding():
@@ -73,4 +77,8 @@ def test_wandb_mode(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert resolve_wandb_mode("auto") == "online"
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert resolve_wandb_mode("online") == "offline"
+    assert resolve_wandb_mode("online") == "offline"  # the environment wins
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with pytest.raises(ConfigError, match="WANDB_MODE"):  # online without credentials: never a login prompt
+        resolve_wandb_mode("auto")

@@ -1,4 +1,4 @@
-"""The training entry point: config validation, the real CLI end to end (W&B offline, read back), a Hydra
+"""The training entry point (config validation: tests/test_spec.py): the real CLI end to end (W&B offline, read back), a Hydra
 multirun with one W&B run per job, and a killed run resumed with ckpt_path=last."""
 
 from __future__ import annotations
@@ -13,11 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 import wandb_offline
-from residual_dynamics.errors import ConfigError, DataError
-from residual_dynamics.train import validate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,55 +25,9 @@ FAST = [
 ]
 
 
-def compose_cfg(overrides):
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
 def cli(args, cwd, env=None, **kwargs):
     return subprocess.run([sys.executable, "-m", "residual_dynamics.train", *args], cwd=cwd,
                           env={**os.environ, **(env or {})}, capture_output=True, text=True, **kwargs)
-
-
-BAD = [
-    (["model.n_heads=3"], ConfigError, "model.n_heads"),
-    (["data.seq_len=512"], ConfigError, "data.seq_len"),
-    (["model.normalization_type=BatchNorm"], ConfigError, "model.normalization_type"),
-    (["model.act_fn=tanh"], ConfigError, "model.act_fn"),
-    (["model.positional_embedding=alibi"], ConfigError, "model.positional_embedding"),
-    (["tokenizer.vocab_size=70000", "data.shard_dtype=uint16"], ConfigError, "data.shard_dtype"),
-    (["data=text_files", "data.path=/nonexistent/corpus"], ConfigError, "data.path"),
-    (["model.n_layers=0"], ConfigError, "model.n_layers"),
-    (["+model.n_experts=4"], ConfigError, "model.n_experts"),
-    (["model.d_vocab=100"], ConfigError, "model.d_vocab"),
-    (["optim.lr=0"], ConfigError, "optim.lr"),
-    (["optim.betas=[0.9]"], ConfigError, "optim.betas"),
-    (["trainer.max_steps=0"], ConfigError, "trainer.max_steps"),
-    (["logger.kind=tensorboard"], ConfigError, "logger.kind"),
-    (["logger.mode=sometimes"], ConfigError, "logger.mode"),
-    (["+probes.layer_horizon.bogus=1"], ConfigError, "probes.layer_horizon.bogus"),
-    (["probes.seq_len=1"], ConfigError, "probes.seq_len"),
-    (["probes.layer_horizon.mode=bogus"], ConfigError, "probes.layer_horizon"),
-    (["probes.cleanup.early=sometimes"], ConfigError, "probes.cleanup.early"),
-    (["probes.residual_norms.fit_layers=[2,9]"], ConfigError, "probes.residual_norms"),
-    (["probes.layer_horizon.ks=[0,2]"], ConfigError, "probes.layer_horizon"),
-    (["ckpt_path=/nonexistent/last.ckpt"], DataError, "/nonexistent/last.ckpt"),
-]
-
-
-@pytest.mark.parametrize("overrides,error,field", BAD, ids=[b[2] for b in BAD])
-def test_bad_config_names_the_field(overrides, error, field, monkeypatch):
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    cfg = compose_cfg(overrides)
-    with pytest.raises(error) as excinfo:
-        validate(cfg)
-    assert field in str(excinfo.value)
-
-
-def test_default_and_shipped_configs_validate():
-    for overrides in ([], ["experiment=heads_vs_growth"], ["experiment=norm_decay"], ["model=deep"],
-                      ["model=bench"], ["trainer=ddp", "trainer.accelerator=cpu"], ["logger=csv"]):
-        validate(compose_cfg(overrides))
 
 
 SWEEPS = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -31,6 +31,8 @@ def to_plain_dict(cfg: Any, group: str) -> dict:
     """A DictConfig (resolved) or mapping as a plain dict; anything else is a ConfigError on ``group``."""
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)
+    if is_dataclass(cfg) and not isinstance(cfg, type):
+        return asdict(cfg)
     if isinstance(cfg, Mapping):
         return dict(cfg)
     raise ConfigError(group, f"expected a mapping, got {type(cfg).__name__}")
@@ -57,14 +59,14 @@ def local_parquet_files(patterns: tuple[str, ...]) -> list[str]:
     return sorted({f for p in patterns if not _is_remote(p) for f in glob.glob(p, recursive=True)})
 
 
-@dataclass(frozen=True)
+@dataclass
 class DataSettings:
-    """The ``data`` config group.
+    """The ``data`` config group (a Hydra structured config: conf/data/*.yaml are its instances).
 
     Common: ``name`` (one of :data:`DATA_NAMES`), ``val_fraction`` (share of documents held out: every
     ``round(1 / val_fraction)``-th document, the first included), ``val_batches``, ``shard_dtype``.
-    ``seq_len``, ``batch_size`` and ``num_workers`` are read by the caller and passed to
-    :class:`~residual_dynamics.data.datamodule.TokenDataModule`; they are only type-checked here.
+    ``seq_len``, ``batch_size`` and ``num_workers`` shape the batches of
+    :class:`~residual_dynamics.data.datamodule.TokenDataModule`.
     text_files: ``path`` (directory), ``pattern`` (glob below it), ``text_field`` (jsonl key).
     openwebtext: ``dataset`` (hub name), ``data_files`` (Parquet paths or globs, local or ``hf://``;
     None means the hub's Parquet conversion of ``dataset``), ``max_documents``, ``text_field``.
@@ -81,7 +83,7 @@ class DataSettings:
     pattern: str = "**/*"
     text_field: str = "text"
     dataset: str = "Skylion007/openwebtext"
-    data_files: Optional[tuple[str, ...]] = None
+    data_files: Any = None  # a path, glob or list of them (str or list)
     max_documents: Optional[int] = None
 
     @property
@@ -148,7 +150,7 @@ def text_files(root: Path, pattern: str) -> list[Path]:
     return sorted(p for p in root.glob(pattern) if p.is_file() and p.suffix in TEXT_SUFFIXES)
 
 
-@dataclass(frozen=True)
+@dataclass
 class TokenizerSettings:
     """The ``tokenizer`` config group: ``name`` (bpe | gpt2), ``vocab_size`` (bpe), ``path`` (gpt2)."""
 

@@ -17,11 +17,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerFast
 
-from residual_dynamics.data.config import DataSettings, TokenizerSettings, validate_data_config
+from residual_dynamics.data.config import DataSettings, TokenizerSettings
 from residual_dynamics.data.corpus import open_corpus
 from residual_dynamics.data.shards import TokenShards, build_or_load_shards, fixed_window_starts
 from residual_dynamics.data.tokenizer import load_tokenizer
-from residual_dynamics.errors import ConfigError, DataError
+from residual_dynamics.errors import DataError
 
 _NOT_READY = "TokenDataModule: call prepare_data() and setup() first"
 
@@ -47,13 +47,13 @@ def fixed_windows(shards: TokenShards, split: str, n: int, length: int) -> torch
     return _gather(tokens, fixed_window_starts(len(tokens), n, length), length)
 
 
-def sample_sequences(data_cfg: Any, tokenizer_cfg: Any, cache_dir: str | Path, n: int, seq_len: int) -> torch.Tensor:
+def sample_sequences(data: DataSettings, tokenizer: TokenizerSettings, cache_dir: str | Path, n: int,
+                     seq_len: int) -> torch.Tensor:
     """LongTensor [n, seq_len] of fixed held-out sequences from any corpus, e.g. prompts for a pretrained model.
 
     Builds (or loads) the same cached shards as :class:`TokenDataModule`; the sequences are windows
     spread evenly over the held-out split (they overlap only if it holds fewer than ``n * seq_len`` tokens).
     """
-    data, tokenizer = validate_data_config(data_cfg, tokenizer_cfg, seq_len)
     _, shards = prepare_token_data(data, tokenizer, cache_dir)
     return fixed_windows(shards, "val", n, seq_len)
 
@@ -124,33 +124,21 @@ class FixedWindows(_MemmapTokens, Dataset):
 class TokenDataModule(L.LightningDataModule):
     """Token batches for language-model training on the corpus and tokenizer of the config.
 
-    ``data_cfg`` / ``tokenizer_cfg`` are the ``data`` and ``tokenizer`` config groups (DictConfig or dict);
-    they are validated here, before any compute. :meth:`prepare_data` / :meth:`setup` build or load the
-    cached corpus, tokenizer and shards under ``cache_dir``; after that :attr:`tokenizer`,
+    ``data`` / ``tokenizer`` are the validated ``data`` and ``tokenizer`` settings (``seq_len``,
+    ``batch_size`` and ``num_workers`` are read from ``data``). :meth:`prepare_data` / :meth:`setup` build
+    or load the cached corpus, tokenizer and shards under ``cache_dir``; after that :attr:`tokenizer`,
     :attr:`vocab_size`, the dataloaders and :meth:`probe_batch` are available.
 
     The training dataloader is endless (set the trainer's ``max_steps``). When attached to a trainer it
     starts at batch ``global_step * accumulate_grad_batches``, which continues a resumed run exactly.
     """
 
-    def __init__(
-        self,
-        data_cfg: Any,
-        tokenizer_cfg: Any,
-        cache_dir: str,
-        seq_len: int,
-        batch_size: int,
-        seed: int,
-        num_workers: int = 0,
-    ):
+    def __init__(self, data: DataSettings, tokenizer: TokenizerSettings, cache_dir: str | Path, seed: int):
         super().__init__()
-        self.data, self.tokenizer_settings = validate_data_config(data_cfg, tokenizer_cfg, seq_len)
-        checks = (("data.batch_size", batch_size, 1), ("seed", seed, 0), ("data.num_workers", num_workers, 0))
-        for field, value, minimum in checks:
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(field, f"must be an integer >= {minimum}, got {value!r}")
+        self.data, self.tokenizer_settings = data, tokenizer
         self.cache_dir = Path(cache_dir)
-        self.seq_len, self.batch_size, self.seed, self.num_workers = seq_len, batch_size, seed, num_workers
+        self.seq_len, self.batch_size, self.num_workers = data.seq_len, data.batch_size, data.num_workers
+        self.seed = seed
         self._tokenizer: Optional[PreTrainedTokenizerFast] = None
         self._shards: Optional[TokenShards] = None
 

@@ -1,7 +1,7 @@
 """MLP neuron activation rates on real tokens and on random inputs, and MLP output norms on random inputs.
 
-Definition (``/work/shared/research/residual-stream-norms-grow-exponentially.txt``, "Analyzing the MLP
-weights" and Appendix 3): the *activation rate* of layer ``l`` is the fraction of MLP hidden
+Definition (write-up "Residual stream norms grow exponentially over the forward pass", sections
+"Analyzing the MLP weights" and Appendix 3): the *activation rate* of layer ``l`` is the fraction of MLP hidden
 pre-activations (``blocks.{l}.mlp.hook_pre``) that are > 0,
 
     rate[l] = #{(b, p, i) : pre[l][b, p, i] > 0} / (#real positions * d_mlp),
@@ -19,7 +19,8 @@ the write-up's test of whether the MLP weights alone make outputs grow with dept
 
 Gated MLPs (SwiGLU / GeGLU): ``mlp.hook_pre`` is the *gate* pre-activation, and the rates are reported
 as ``mlp_gate_rate/...`` instead of ``mlp_act_rate/...`` so they are not mistaken for the rate of a plain
-MLP's neurons. Attention-only models have no MLP: the probe returns an empty result with a ``note``.
+MLP's neurons. Attention-only models have no MLP: the probe does not apply (:func:`unsupported`; called
+directly it raises ``ProbeUnsupported``, and ``run_probes`` returns an ``Unsupported`` result saying so).
 """
 
 from __future__ import annotations
@@ -29,14 +30,40 @@ from typing import Optional
 
 import torch
 
-from residual_dynamics.probes.common import Record, n_layers, position_mask
+from residual_dynamics.probes.arch import Arch
+from residual_dynamics.probes.common import Record, check_int, position_mask, raise_if_unsupported
 from residual_dynamics.probes.forward import ActivationPass, run_activation_passes
 
 
 @dataclass
+class Options:
+    """The keyword options of :func:`activation_rates` (the ``probes.activation_rates`` config section).
+
+    n_random: number of normalized Gaussian inputs (>= 1).
+    seed:     seed of their private generator.
+    """
+
+    n_random: int = 256
+    seed: int = 0
+
+    def check(self, arch: Arch) -> None:
+        """Raise ConfigError(<option>, message) for a bad value; runs no probe."""
+        check_int(self.n_random, "n_random", minimum=1)
+        check_int(self.seed, "seed", minimum=0)
+
+
+def unsupported(arch: Arch) -> Optional[str]:
+    """Why :func:`activation_rates` cannot run on ``arch``, or None."""
+    if not arch.has_mlp:
+        return "activation_rates: no MLP sublayers (attention-only model): no activation rates"
+    if not arch.has("mlp_pre"):
+        return f"activation_rates: the bridge has no MLP pre-activation hooks {arch.missing('mlp_pre')}"
+    return None
+
+
+@dataclass
 class ActivationRates:
-    """Result of :func:`activation_rates`. Tensors are float32 on the host, [n_layers] each
-    ([0] when the model has no MLP).
+    """Result of :func:`activation_rates`. Tensors are float32 on the host, [n_layers] each.
 
     token_rate:      fraction of mlp.hook_pre entries > 0 on real tokens.
     random_rate:     the same on the normalized Gaussian inputs.
@@ -44,7 +71,6 @@ class ActivationRates:
     gated:           True when hook_pre is a gate pre-activation (record names say ``mlp_gate_rate``).
     n_positions:     number of real (prompt, position) pairs behind ``token_rate``.
     n_random:        number of random inputs.
-    note:            why the result is empty, else "".
     """
 
     token_rate: torch.Tensor
@@ -53,7 +79,6 @@ class ActivationRates:
     gated: bool
     n_positions: int
     n_random: int
-    note: str = ""
 
     @property
     def rate_name(self) -> str:
@@ -89,26 +114,19 @@ def activation_rates_pass(
     attention_mask: Optional[torch.Tensor] = None,
     n_random: int = 256,
     seed: int = 0,
+    arch: Optional[Arch] = None,
 ) -> ActivationPass:
     """The token-pass hooks of :func:`activation_rates` (same arguments) and a finalize step that runs the
     random-input part and builds the result, for a forward shared with other probes
-    (:func:`residual_dynamics.probes.forward.run_activation_passes`). Attention-only models: no hooks,
-    and finalize returns the empty result."""
-    count = n_layers(bridge)
-    gated = bool(getattr(bridge.cfg, "gated_mlp", False))
-    pre_hooks = [f"blocks.{layer}.mlp.hook_pre" for layer in range(count)]
-    if getattr(bridge.cfg, "attn_only", False) or any(name not in bridge.hook_dict for name in pre_hooks):
-        empty = torch.zeros(0)
-        result = ActivationRates(
-            token_rate=empty,
-            random_rate=empty,
-            random_out_norm=empty,
-            gated=gated,
-            n_positions=0,
-            n_random=0,
-            note="no MLP sublayers (attention-only model, no blocks.*.mlp.hook_pre): no activation rates",
-        )
-        return ActivationPass(hooks=[], finalize=lambda: result, name="activation_rates")
+    (:func:`residual_dynamics.probes.forward.run_activation_passes`). Raises ProbeUnsupported on a model
+    without MLPs (:func:`unsupported`)."""
+    arch = Arch.of(bridge) if arch is None else arch
+    raise_if_unsupported(unsupported(arch))
+    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 1:
+        raise ValueError(f"activation_rates: n_random must be an integer >= 1, got {n_random!r}")
+    count = arch.n_layers
+    gated = arch.gated_mlp
+    pre_hooks = [arch.hook("mlp_pre", layer) for layer in range(count)]
     mask = position_mask(tokens, attention_mask)
 
     # (a) Real tokens: count positive pre-activations on real positions inside the hook.
@@ -135,7 +153,7 @@ def activation_rates_pass(
 
         blocks = [bridge.blocks[layer] for layer in range(count)]
         reference = next(blocks[0].mlp.parameters())
-        x = normalized_gaussian_inputs(n_random, int(bridge.cfg.d_model), seed)
+        x = normalized_gaussian_inputs(n_random, arch.d_model, seed)
         x = x.to(device=reference.device, dtype=reference.dtype)[None]  # [1, n_random, d_model]
         out_norms = []
         with bridge.hooks(fwd_hooks=[(name, random_hook(layer)) for layer, name in enumerate(pre_hooks)]):
@@ -168,16 +186,22 @@ def activation_rates(
     attention_mask: Optional[torch.Tensor] = None,
     n_random: int = 256,
     seed: int = 0,
+    arch: Optional[Arch] = None,
 ) -> ActivationRates:
     """MLP activation rates on ``tokens`` and on ``n_random`` normalized Gaussian inputs (seeded by
     ``seed``), and the MLP output norms on the latter.
 
     tokens:         [batch, pos] token ids.
     attention_mask: optional [batch, pos], 1 = real token; passed to the forward, padding excluded.
+    arch:           the model's :class:`~residual_dynamics.probes.arch.Arch` (built from the bridge if
+                    not given).
+
+    Raises ProbeUnsupported on a model without MLPs (attention-only), see :func:`unsupported`.
 
     The token part is one hooked forward that stops after the last block (no unembedding);
     :func:`activation_rates_pass` gives the same hooks for a forward shared with other probes
     (``run_probes`` does that).
     """
-    activation_pass = activation_rates_pass(bridge, tokens, attention_mask=attention_mask, n_random=n_random, seed=seed)
+    activation_pass = activation_rates_pass(bridge, tokens, attention_mask=attention_mask, n_random=n_random, seed=seed,
+                                            arch=arch)
     return run_activation_passes(bridge, tokens, [activation_pass], attention_mask=attention_mask)[0]

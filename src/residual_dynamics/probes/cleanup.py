@@ -58,13 +58,75 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
-from residual_dynamics.probes.common import ProbeUnsupported, Record, position_mask
+from residual_dynamics.errors import ConfigError
+from residual_dynamics.probes.arch import Arch
+from residual_dynamics.probes.common import (
+    Record,
+    check_int,
+    check_number,
+    is_sequence,
+    position_mask,
+    raise_if_unsupported,
+)
 
 QUANTILES = (0.25, 0.5, 0.75)
+
+
+@dataclass
+class Options:
+    """The keyword options of :func:`cleanup` (the ``probes.cleanup`` config section); see the module doc.
+
+    threshold:  a writer is cleaned when a later median PR drops below this (< writer_min).
+    writer_min: ... and its peak median PR is at least this (> 0).
+    top_n:      most cleaners kept per writer (>= 1).
+    writers:    node names to treat as writers (``EMBED``, ``POS``, ``L{l}H{h}``, ``L{l}MLP``); null = all.
+    """
+
+    threshold: float = 0.3
+    writer_min: float = 0.7
+    top_n: int = 8
+    writers: Optional[List[str]] = None
+
+    def check(self, arch: Arch) -> None:
+        """Raise ConfigError(<option>, message) for a bad value; runs no probe."""
+        threshold = check_number(self.threshold, "threshold")
+        writer_min = check_number(self.writer_min, "writer_min")
+        if writer_min <= 0:
+            raise ConfigError("writer_min", f"must be > 0 (a peak projection ratio), got {self.writer_min!r}")
+        if threshold >= writer_min:
+            raise ConfigError("threshold", f"must be < writer_min={self.writer_min!r}, got {self.threshold!r}")
+        check_int(self.top_n, "top_n", minimum=1)
+        if self.writers is not None:
+            if not is_sequence(self.writers) or not len(self.writers):
+                raise ConfigError("writers", f"must be a non-empty list of node names or null, got {self.writers!r}")
+            bad = [name for name in self.writers if not isinstance(name, str)]
+            if bad:
+                raise ConfigError("writers", f"must be node names (strings), got {bad[0]!r}")
+            if arch.known:
+                names = [node.name for node in nodes_of(arch)]
+                unknown = [name for name in self.writers if name not in names]
+                if unknown:
+                    raise ConfigError("writers", f"unknown nodes {unknown}; this model's nodes: EMBED, "
+                                                 f"{'POS, ' if arch.has_pos_embed else ''}L<layer>H<head> "
+                                                 f"(layer < {arch.n_layers}, head < {arch.n_heads})"
+                                                 f"{', L<layer>MLP' if arch.has_mlp else ''}")
+
+
+def unsupported(arch: Arch) -> Optional[str]:
+    """Why :func:`cleanup` cannot run on ``arch``, or None."""
+    if arch.parallel:
+        return ("cleanup: parallel attention + MLP blocks (GPT-NeoX / Pythia, GPT-J) have no resid_mid point, "
+                "which the forward-order scan needs; not supported yet")
+    kinds = ["embed", "z", "resid_pre", "resid_post"] + (["pos_embed"] if arch.has_pos_embed else [])
+    kinds += ["mlp_out", "resid_mid"] if arch.has_mlp else []
+    missing = arch.missing(*kinds)
+    if missing:
+        return f"cleanup: the bridge has no hook points {missing}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -139,30 +201,22 @@ class CleanupResult:
         return rows
 
 
-def nodes_of(bridge) -> list[Node]:
+def nodes_of(arch: Arch) -> list[Node]:
     """EMBED, POS (standard positional embeddings only), then per layer its heads and its MLP."""
-    cfg = bridge.cfg
-    has_mlp = "blocks.0.hook_mlp_out" in bridge.hook_dict
-    per_layer = 2 if has_mlp else 1
     nodes = [Node("EMBED", None, None, -1)]
-    if (getattr(cfg, "positional_embedding_type", None) or "standard") == "standard":
+    if arch.has_pos_embed:
         nodes.append(Node("POS", None, None, -1))
-    for layer in range(int(cfg.n_layers)):
-        nodes += [Node(f"L{layer}H{h}", layer, h, per_layer * layer) for h in range(int(cfg.n_heads))]
-        if has_mlp:
-            nodes.append(Node(f"L{layer}MLP", layer, None, per_layer * layer + 1))
+    for layer in range(arch.n_layers):
+        attn = arch.sublayer_index("attn", layer)
+        nodes += [Node(f"L{layer}H{h}", layer, h, attn) for h in range(arch.n_heads)]
+        if arch.has_mlp:
+            nodes.append(Node(f"L{layer}MLP", layer, None, arch.sublayer_index("mlp", layer)))
     return nodes
 
 
-def residual_points(bridge) -> list[tuple[str, str]]:
+def residual_points(arch: Arch) -> list[tuple[str, str]]:
     """(point name, hook name) in forward order; point p follows the sublayer with index p - 1."""
-    has_mlp = "blocks.0.hook_mlp_out" in bridge.hook_dict
-    points = [("resid_pre_0", "blocks.0.hook_resid_pre")]
-    for layer in range(int(bridge.cfg.n_layers)):
-        if has_mlp:
-            points.append((f"resid_mid_{layer}", f"blocks.{layer}.hook_resid_mid"))
-        points.append((f"resid_post_{layer}", f"blocks.{layer}.hook_resid_post"))
-    return points
+    return arch.residual_points()
 
 
 def cleanup(
@@ -174,25 +228,27 @@ def cleanup(
     top_n: int = 8,
     writers: Optional[Sequence[str]] = None,
     attention_mask: Optional[torch.Tensor] = None,
+    arch: Optional[Arch] = None,
 ) -> CleanupResult:
     """Projection-ratio tables, the clean-up scan and the DLA correlation; see the module doc.
 
-    ``writers``: node names to treat as writers (default: every node).
+    ``writers``: node names to treat as writers (default: every node). ``arch``: the model's
+    :class:`~residual_dynamics.probes.arch.Arch` (built from the bridge if not given). Raises
+    ProbeUnsupported on parallel blocks or missing hook points (:func:`unsupported`).
     """
-    if getattr(bridge.cfg, "parallel_attn_mlp", False):
-        raise ProbeUnsupported("cleanup: parallel attention + MLP blocks (GPT-NeoX / Pythia, GPT-J) have no "
-                               "resid_mid point, which the forward-order scan needs; not supported yet")
-    nodes = nodes_of(bridge)
+    arch = Arch.of(bridge) if arch is None else arch
+    raise_if_unsupported(unsupported(arch))
+    nodes = nodes_of(arch)
     names = [node.name for node in nodes]
     writer_names = names if writers is None else list(writers)
     unknown = sorted(set(writer_names) - set(names))
     if unknown or not writer_names:
         raise ValueError(f"cleanup: writers must be a non-empty subset of {names}; unknown: {unknown}")
     writer_nodes = [names.index(name) for name in writer_names]
-    points = residual_points(bridge)
+    points = residual_points(arch)
     mask = position_mask(tokens, attention_mask)
     forward_kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-    n_heads = int(bridge.cfg.n_heads)
+    n_heads = arch.n_heads
 
     def node_hooks(handle, wanted: Sequence[int]) -> list:
         """Hooks calling ``handle(first_node_index, outputs [M, n, d_model])`` at kept positions for
@@ -219,13 +275,13 @@ def cleanup(
             if not set(group) & set(wanted):
                 continue
             if node.name == "EMBED":
-                hooks.append(("hook_embed", at(index)))
+                hooks.append((arch.hook("embed"), at(index)))
             elif node.name == "POS":
-                hooks.append(("hook_pos_embed", at(index)))
+                hooks.append((arch.hook("pos_embed"), at(index)))
             elif node.head == 0:
-                hooks.append((f"blocks.{node.layer}.attn.hook_z", at(index, z_of_layer=node.layer)))
+                hooks.append((arch.hook("z", node.layer), at(index, z_of_layer=node.layer)))
             else:
-                hooks.append((f"blocks.{node.layer}.hook_mlp_out", at(index)))
+                hooks.append((arch.hook("mlp_out", node.layer), at(index)))
         return hooks
 
     with torch.no_grad():
@@ -239,8 +295,8 @@ def cleanup(
 
         scale: list[torch.Tensor] = []
         pass1 = node_hooks(keep_writers, writer_nodes)
-        if "ln_final.hook_scale" in bridge.hook_dict:
-            pass1.append(("ln_final.hook_scale", lambda x, hook: scale.append(x[mask].float())))
+        if arch.has("ln_final_scale"):
+            pass1.append((arch.hook("ln_final_scale"), lambda x, hook: scale.append(x[mask].float())))
         logits = bridge.run_with_hooks(tokens, fwd_hooks=pass1, **forward_kwargs)
         missing = [names[i] for i in writer_nodes if i not in outputs]
         if missing:

@@ -2,15 +2,17 @@
 
 Every probe returns a dataclass of tensors (on the host) with a ``records()`` method that flattens it
 into :class:`Record` rows. The W&B key of a row and the row of the local results file are both derived
-from a Record in one place (``residual_dynamics.results``), so trained and pretrained runs share a schema.
+from a Record in one place (``residual_dynamics.reporting.results``), so trained and pretrained runs share a schema.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Sequence
 
 import torch
+
+from residual_dynamics.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -36,13 +38,15 @@ class ProbeResult(Protocol):
 
 class ProbeUnsupported(Exception):
     """The model's architecture lacks what a probe needs (e.g. a sublayer order for parallel attention +
-    MLP blocks). ``run_probes`` turns it into an :class:`Unsupported` result that says so, instead of
-    failing the whole run."""
+    MLP blocks). Raised by a probe function called directly; ``run_probes`` asks the same question
+    (``ProbeSpec.unsupported(arch)``) before running a probe and returns an :class:`Unsupported` result
+    that says why, instead of failing the whole run."""
 
 
 @dataclass
 class Unsupported:
-    """The result of a probe that cannot run on this architecture: no records, only the reason."""
+    """The result of a probe that cannot run on this architecture (the probe did not run): no records,
+    only the reason."""
 
     note: str
 
@@ -71,5 +75,84 @@ def position_mask(tokens: torch.Tensor, attention_mask: Optional[torch.Tensor] =
     return mask
 
 
-def n_layers(bridge) -> int:
-    return int(bridge.cfg.n_layers)
+def raise_if_unsupported(reason: Optional[str]) -> None:
+    """Raise :class:`ProbeUnsupported` with ``reason`` unless it is None: how a probe function called
+    directly refuses an architecture, with the same ``<probe>_unsupported(arch)`` the registry asks."""
+    if reason is not None:
+        raise ProbeUnsupported(reason)
+
+
+# --- option checks: ConfigError(<option name>, message), before any compute ---------------------------
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_sequence(value) -> bool:
+    """A list-like value (list, tuple, OmegaConf ListConfig), not a string."""
+    from collections.abc import Sequence
+
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def check_bool(value, field: str) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(field, f"must be true or false, got {value!r}")
+
+
+def check_int(value, field: str, minimum: Optional[int] = None, maximum: Optional[int] = None,
+              optional: bool = False) -> None:
+    """``value`` is an integer (not a bool) in [minimum, maximum] (or None when ``optional``)."""
+    if value is None and optional:
+        return
+    if not _is_int(value):
+        raise ConfigError(field, f"must be an integer{' or null' if optional else ''}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(field, f"must be >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(field, f"must be <= {maximum}, got {value!r}")
+
+
+def check_number(value, field: str) -> float:
+    """``value`` is a finite real number (int or float, not a bool); returns it as a float."""
+    import math
+
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        raise ConfigError(field, f"must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(field, f"must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_choice(value, field: str, choices: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(field, f"must be one of {list(choices)}, got {value!r}")
+
+
+def check_int_list(value, field: str, optional: bool = True) -> list:
+    """``value`` is a list of integers (or None when ``optional``); returns it as a list ([] for None)."""
+    if value is None and optional:
+        return []
+    if not is_sequence(value):
+        raise ConfigError(field, f"must be a list of integers{' or null' if optional else ''}, got {value!r}")
+    items = list(value)
+    bad = [item for item in items if not _is_int(item)]
+    if bad:
+        raise ConfigError(field, f"must be a list of integers, got {value!r} ({bad[0]!r} is not an integer)")
+    return items
+
+
+def check_layer_pair(value, field: str, n_layers: Optional[int]) -> None:
+    """None, or two layers [a, b] with 0 <= a < b < n_layers (the range check needs ``n_layers``)."""
+    if value is None:
+        return
+    items = check_int_list(value, field)
+    if len(items) != 2:
+        raise ConfigError(field, f"must be two layers [a, b], got {value!r}")
+    a, b = items
+    if n_layers is None:
+        if not 0 <= a < b:
+            raise ConfigError(field, f"must be two layers 0 <= a < b, got {value!r}")
+    elif not 0 <= a < b < n_layers:
+        raise ConfigError(field, f"must be two layers 0 <= a < b < n_layers={n_layers}, got {value!r}")

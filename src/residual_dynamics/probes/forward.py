@@ -18,7 +18,7 @@ exception itself -- ``TransformerBridge.forward`` returns its ``layer_output``
 hooks it added in a ``finally``, so the bridge is left exactly as it was (checked by
 ``tests/test_probe_registry.py``).
 
-The registry (``run_probes``) fuses every enabled probe whose module has a ``<name>_pass`` builder into
+The registry (``run_probes``) fuses every probe whose ``ProbeSpec`` has a ``pass_builder`` into
 one such forward; a probe called on its own runs the same builder and the same runner, so the fused and
 the standalone results are the same numbers.
 """
@@ -30,8 +30,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from residual_dynamics.probes.arch import hook_name
+
 # Hook points entered right after the last block, in order of preference: the forward is stopped there.
-STOP_HOOKS = ("ln_final.hook_in", "unembed.hook_in")
+STOP_HOOKS = (hook_name("ln_final_in"), hook_name("unembed_in"))
 
 Hook = tuple[str, Callable[[torch.Tensor, Any], Optional[torch.Tensor]]]
 

@@ -56,14 +56,77 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import List, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from residual_dynamics.probes.common import ProbeUnsupported, Record, position_mask
+from residual_dynamics.errors import ConfigError
+from residual_dynamics.probes.arch import Arch, Sublayer
+from residual_dynamics.probes.common import (
+    Record,
+    check_bool,
+    check_choice,
+    check_int,
+    check_int_list,
+    check_number,
+    position_mask,
+    raise_if_unsupported,
+)
 
 Mode = Literal["clean", "same_pass"]
+MODES = ("clean", "same_pass")
+
+
+@dataclass
+class Options:
+    """The keyword options of :func:`layer_horizon` (the ``probes.layer_horizon`` config section); see
+    the module doc.
+
+    ks:                   horizons to sweep, integers in 1..n_sublayers; null = 1, 2, 4, ... (default_ks).
+    mode:                 "clean" or "same_pass".
+    include_embedding:    whether the embedding is output -1 of the sequence (True) or always seen (False).
+    unembed_reads_window: whether the final norm + unembedding read the window too.
+    tolerance:            loss increase (nats, > 0) within which a horizon counts as effective.
+    max_batch:            most rows per hooked forward (>= 1); null = the default of :func:`layer_horizon`.
+    """
+
+    ks: Optional[List[int]] = None
+    mode: str = "clean"
+    include_embedding: bool = True
+    unembed_reads_window: bool = False
+    tolerance: float = 0.05
+    max_batch: Optional[int] = None
+
+    def check(self, arch: Arch) -> None:
+        """Raise ConfigError(<option>, message) for a bad value; runs no probe."""
+        if self.ks is not None:
+            ks = check_int_list(self.ks, "ks")
+            if not ks:
+                raise ConfigError("ks", "must be a non-empty list of horizons, or null for the default")
+            top = arch.n_sublayers if arch.known else None
+            bad = [k for k in ks if k < 1 or (top is not None and k > top)]
+            if bad:
+                where = f"1..{top} (the model's number of sublayers)" if top is not None else ">= 1"
+                raise ConfigError("ks", f"horizons must be integers in {where}, got {bad[0]!r} in {self.ks!r}")
+        check_choice(self.mode, "mode", MODES)
+        check_bool(self.include_embedding, "include_embedding")
+        check_bool(self.unembed_reads_window, "unembed_reads_window")
+        if check_number(self.tolerance, "tolerance") <= 0:
+            raise ConfigError("tolerance", f"must be > 0, got {self.tolerance!r}")
+        check_int(self.max_batch, "max_batch", minimum=1, optional=True)
+
+
+def unsupported(arch: Arch) -> Optional[str]:
+    """Why :func:`layer_horizon` cannot run on ``arch``, or None."""
+    if arch.parallel:
+        return ("layer_horizon: parallel attention + MLP blocks (GPT-NeoX / Pythia, GPT-J) read the same "
+                "input, so there is no sublayer order to truncate")
+    kinds = ["resid_pre", "ln_final_in", "ln1_in", "attn_out"] + (["ln2_in", "mlp_out"] if arch.has_mlp else [])
+    missing = arch.missing(*kinds)
+    if missing:
+        return f"layer_horizon: the bridge has no hook points {missing}"
+    return None
 
 
 @dataclass
@@ -105,32 +168,12 @@ class HorizonResult:
         return rows
 
 
-@dataclass(frozen=True)
-class Sublayer:
-    """The hook points of one sublayer (attention or MLP)."""
-
-    input_hook: str  # replacing this tensor changes what the sublayer reads, not the residual stream
-    output_hook: str  # what the sublayer adds to the residual stream
-
-
-def sublayers(bridge) -> list[Sublayer]:
-    """The sublayers in forward order: attn_0, mlp_0, attn_1, ... (attn-only models: attns only)."""
-    if getattr(bridge.cfg, "parallel_attn_mlp", False):
-        raise ProbeUnsupported("layer_horizon: parallel attention + MLP blocks (GPT-NeoX / Pythia, GPT-J) read the "
-                               "same input, so there is no sublayer order to truncate")
-    hook_names = set(bridge.hook_dict)
-    has_mlp = "blocks.0.hook_mlp_out" in hook_names
-    plan = []
-    for layer in range(int(bridge.cfg.n_layers)):
-        plan.append(Sublayer(f"blocks.{layer}.ln1.hook_in", f"blocks.{layer}.hook_attn_out"))
-        if has_mlp:
-            plan.append(Sublayer(f"blocks.{layer}.ln2.hook_in", f"blocks.{layer}.hook_mlp_out"))
-    needed = {"blocks.0.hook_resid_pre", "ln_final.hook_in"}
-    needed |= {name for sub in plan for name in (sub.input_hook, sub.output_hook)}
-    missing = sorted(needed - hook_names)
-    if missing:
-        raise ProbeUnsupported(f"layer_horizon: the bridge has no hook points {missing}")
-    return plan
+def sublayers(bridge, arch: Optional[Arch] = None) -> list[Sublayer]:
+    """The sublayers in forward order (``arch.sublayers``: attn_0, mlp_0, attn_1, ...; attention-only
+    models: attns only); raises ProbeUnsupported where the horizon cannot run (:func:`unsupported`)."""
+    arch = Arch.of(bridge) if arch is None else arch
+    raise_if_unsupported(unsupported(arch))
+    return list(arch.sublayers)
 
 
 def default_ks(n_sublayers: int) -> tuple[int, ...]:
@@ -149,6 +192,7 @@ def layer_horizon(
     tolerance: float = 0.05,
     attention_mask: Optional[torch.Tensor] = None,
     max_batch: Optional[int] = None,
+    arch: Optional[Arch] = None,
 ) -> HorizonResult:
     """Sweep the enforced layer horizon k over ``ks`` (default :func:`default_ks`); see the module doc.
 
@@ -157,10 +201,13 @@ def layer_horizon(
     in one forward on an accelerator, one copy per forward on CPU, where a K-times larger batch runs
     slower per token (benchmarks/bench_horizon.py: ~1.15-1.25x the time of K + 1 plain forwards in
     one forward, ~1.03x in K). Either way the sweep costs K + 1 forward passes of the probe batch.
+    ``arch``: the model's :class:`~residual_dynamics.probes.arch.Arch` (built from the bridge if not given).
+    Raises ProbeUnsupported on parallel blocks or missing hook points (:func:`unsupported`).
     """
-    if mode not in ("clean", "same_pass"):
+    if mode not in MODES:
         raise ValueError(f"layer_horizon: mode must be 'clean' or 'same_pass', got {mode!r}")
-    plan = sublayers(bridge)
+    arch = Arch.of(bridge) if arch is None else arch
+    plan = sublayers(bridge, arch)
     ks = sorted(set(default_ks(len(plan)) if ks is None else (int(k) for k in ks)))
     if not ks or ks[0] < 1:
         raise ValueError(f"layer_horizon: ks must be positive integers, got {ks}")
@@ -182,7 +229,7 @@ def layer_horizon(
 
         keep_hooks = []
         if not include_embedding:
-            keep_hooks.append(("blocks.0.hook_resid_pre", keep("embedding")))
+            keep_hooks.append((arch.hook("resid_pre", 0), keep("embedding")))
         if mode == "clean":
             keep_hooks += [(sub.output_hook, keep("outputs")) for sub in plan]
         logits = bridge.run_with_hooks(tokens, fwd_hooks=keep_hooks, **forward_kwargs)
@@ -197,6 +244,7 @@ def layer_horizon(
                     tokens,
                     _ChunkWindows(ks[start : start + copies_per_pass], batch, embedding),
                     plan,
+                    arch.hook("ln_final_in"),
                     clean["outputs"] if mode == "clean" else None,
                     unembed_reads_window,
                     attention_mask,
@@ -233,6 +281,7 @@ def _windowed_losses(
     tokens: torch.Tensor,
     windows: "_ChunkWindows",
     plan: list[Sublayer],
+    final_hook: str,
     clean_outputs: Optional[list[torch.Tensor]],
     unembed_reads_window: bool,
     attention_mask: Optional[torch.Tensor],
@@ -262,7 +311,7 @@ def _windowed_losses(
         if record_pass:
             hooks.append((sub.output_hook, record))
     if unembed_reads_window:
-        hooks.append(("ln_final.hook_in", read_pass_window))
+        hooks.append((final_hook, read_pass_window))
 
     copies = len(windows.ks)
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask.repeat(copies, 1)}

@@ -1,7 +1,7 @@
 """Residual-stream norms per layer and their exponential growth rate.
 
-Definition (``/work/shared/research/residual-stream-norms-grow-exponentially.txt``, "Plots showing
-exponential norm and variance growth" and "Theories for the source of the growth"): for every layer ``l``
+Definition (write-up "Residual stream norms grow exponentially over the forward pass", sections "Plots
+showing exponential norm and variance growth" and "Theories for the source of the growth"): for every layer ``l``
 and hook ``h`` in {resid_pre, resid_mid, resid_post, attn_out, mlp_out}
 
     norm_h[l] = mean over real positions (b, p) of ||x_h[l][b, p, :]||_2
@@ -24,16 +24,45 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 
-from residual_dynamics.probes.common import Record, n_layers, position_mask
+from residual_dynamics.probes.arch import Arch
+from residual_dynamics.probes.common import Record, check_int, check_layer_pair, position_mask, raise_if_unsupported
 from residual_dynamics.probes.forward import ActivationPass, run_activation_passes
 
 # Hook kinds measured, in the order they are reported. ``resid_mid`` / ``mlp_out`` are absent on
 # attention-only models (and ``resid_mid`` on parallel-block models); missing kinds are skipped.
 HOOK_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+@dataclass
+class Options:
+    """The keyword options of :func:`residual_norms` (the ``probes.residual_norms`` config section).
+
+    fit_layers:   inclusive layer range [a, b] of the log-linear fit; null = all layers.
+    two_point:    layers [a, b] of the two-point estimate; null = the ends of ``fit_layers``.
+    prompt_index: the prompt whose per-position norms are kept.
+    """
+
+    fit_layers: Optional[List[int]] = None
+    two_point: Optional[List[int]] = None
+    prompt_index: int = 0
+
+    def check(self, arch: Arch) -> None:
+        """Raise ConfigError(<option>, message) for a bad value; runs no probe."""
+        check_layer_pair(self.fit_layers, "fit_layers", arch.n_layers)
+        check_layer_pair(self.two_point, "two_point", arch.n_layers)
+        check_int(self.prompt_index, "prompt_index", minimum=0)
+
+
+def unsupported(arch: Arch) -> Optional[str]:
+    """Why :func:`residual_norms` cannot run on ``arch``, or None."""
+    missing = arch.missing("resid_pre", "resid_post")
+    if missing:
+        return f"residual_norms: the bridge has no hook points {missing}"
+    return None
 
 
 @dataclass
@@ -92,7 +121,7 @@ def _scalar(value: float) -> torch.Tensor:
 
 
 def _layer_range(
-    value: Optional[tuple[int, int]], default: Optional[tuple[int, int]], count: int, what: str
+    value: Optional[Sequence[int]], default: Optional[tuple[int, int]], count: int, what: str
 ) -> Optional[tuple[int, int]]:
     """``value`` checked to be two layers a < b of the model, or ``default`` when it is None."""
     if value is None:
@@ -124,21 +153,23 @@ def residual_norms_pass(
     tokens: torch.Tensor,
     *,
     attention_mask: Optional[torch.Tensor] = None,
-    fit_layers: Optional[tuple[int, int]] = None,
-    two_point: Optional[tuple[int, int]] = None,
+    fit_layers: Optional[Sequence[int]] = None,
+    two_point: Optional[Sequence[int]] = None,
     prompt_index: int = 0,
+    arch: Optional[Arch] = None,
 ) -> ActivationPass:
     """The hooks and the finalize step of :func:`residual_norms` (same arguments), for a forward shared
     with other probes (:func:`residual_dynamics.probes.forward.run_activation_passes`)."""
-    count = n_layers(bridge)
+    arch = Arch.of(bridge) if arch is None else arch
+    raise_if_unsupported(unsupported(arch))
+    count = arch.n_layers
     fit = _layer_range(fit_layers, (0, count - 1) if count > 1 else None, count, "fit_layers")
     ends = _layer_range(two_point, fit, count, "two_point")
     if not 0 <= prompt_index < tokens.shape[0]:
         raise ValueError(f"prompt_index={prompt_index} is outside the batch of {tokens.shape[0]} prompts")
 
     mask = position_mask(tokens, attention_mask)
-    hook_names = bridge.hook_dict
-    kinds = [k for k in HOOK_KINDS if all(f"blocks.{layer}.hook_{k}" in hook_names for layer in range(count))]
+    kinds = [kind for kind in HOOK_KINDS if arch.has(kind)]
 
     # Device-side accumulators, filled by the hooks and moved to the host once at the end.
     norm_sums: dict[str, list[Optional[torch.Tensor]]] = {kind: [None] * count for kind in kinds}
@@ -187,7 +218,7 @@ def residual_norms_pass(
             n_positions=n_positions,
         )
 
-    hooks = [(f"blocks.{layer}.hook_{kind}", make_hook(kind, layer)) for kind in kinds for layer in range(count)]
+    hooks = [(arch.hook(kind, layer), make_hook(kind, layer)) for kind in kinds for layer in range(count)]
     return ActivationPass(hooks=hooks, finalize=finalize, name="residual_norms")
 
 
@@ -197,9 +228,10 @@ def residual_norms(
     tokens: torch.Tensor,
     *,
     attention_mask: Optional[torch.Tensor] = None,
-    fit_layers: Optional[tuple[int, int]] = None,
-    two_point: Optional[tuple[int, int]] = None,
+    fit_layers: Optional[Sequence[int]] = None,
+    two_point: Optional[Sequence[int]] = None,
     prompt_index: int = 0,
+    arch: Optional[Arch] = None,
 ) -> ResidualNorms:
     """Mean residual-stream norms per layer and hook, and the growth rate of resid_post.
 
@@ -209,12 +241,15 @@ def residual_norms(
     fit_layers:     inclusive layer range (a, b) of the log-linear fit; default all layers.
     two_point:      layers (a, b) of the two-point estimate; default the ends of ``fit_layers``.
     prompt_index:   the prompt whose per-position norms are kept.
+    arch:           the model's :class:`~residual_dynamics.probes.arch.Arch` (built from the bridge if
+                    not given).
 
+    Raises ProbeUnsupported when the bridge lacks the resid_pre / resid_post hooks (:func:`unsupported`).
     One hooked forward that stops after the last block (no unembedding); :func:`residual_norms_pass`
     gives the same hooks for a forward shared with other probes (``run_probes`` does that).
     """
     activation_pass = residual_norms_pass(
         bridge, tokens, attention_mask=attention_mask, fit_layers=fit_layers, two_point=two_point,
-        prompt_index=prompt_index,
+        prompt_index=prompt_index, arch=arch,
     )
     return run_activation_passes(bridge, tokens, [activation_pass], attention_mask=attention_mask)[0]

@@ -1,7 +1,7 @@
 """Frobenius norms of the attention and MLP weights, per layer and per head.
 
-Definition (``/work/shared/research/residual-stream-norms-grow-exponentially.txt``, "Analyzing the
-Attention weights" and Appendix 3 "Which of the MLP weights are the source of the exponential growth?",
+Definition (write-up "Residual stream norms grow exponentially over the forward pass", sections
+"Analyzing the Attention weights" and Appendix 3 "Which of the MLP weights are the source of the exponential growth?",
 which follows "Basic Facts about Language Model Internals" in splitting weights into *reading* weights
 W_Q, W_K, W_V, W_in and *writing* weights W_O, W_out):
 
@@ -35,7 +35,27 @@ from typing import Optional
 
 import torch
 
-from residual_dynamics.probes.common import Record, n_layers
+from residual_dynamics.probes.arch import Arch
+from residual_dynamics.probes.common import Record, check_bool, raise_if_unsupported
+
+
+@dataclass
+class Options:
+    """The keyword options of :func:`weight_norms` (the ``probes.weight_norms`` config section).
+
+    fold_ln: also report the ``*_folded`` norms (norm gains folded into the reading weights).
+    """
+
+    fold_ln: bool = False
+
+    def check(self, arch: Arch) -> None:
+        """Raise ConfigError(<option>, message) for a bad value; runs no probe."""
+        check_bool(self.fold_ln, "fold_ln")
+
+
+def unsupported(arch: Arch) -> Optional[str]:
+    """Why :func:`weight_norms` cannot run on ``arch``, or None: it reads weights only, so it runs on all."""
+    return None
 
 
 @dataclass
@@ -128,18 +148,27 @@ def _ov_norms(W_V: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def weight_norms(bridge, tokens: Optional[torch.Tensor] = None, *, fold_ln: bool = False) -> WeightNorms:
+def weight_norms(
+    bridge,
+    tokens: Optional[torch.Tensor] = None,
+    *,
+    fold_ln: bool = False,
+    attention_mask: Optional[torch.Tensor] = None,
+    arch: Optional[Arch] = None,
+) -> WeightNorms:
     """Weight norms of every layer.
 
-    ``tokens`` is ignored (weights need no input); it is there so every probe can be called as
-    ``probe(bridge, tokens)``. ``fold_ln=True`` adds the ``*_folded`` variants (norm gains folded into
-    the weights that read the normalised stream).
+    ``tokens`` and ``attention_mask`` are ignored (weights need no input); they are there so every probe
+    can be called as ``probe(bridge, tokens, attention_mask=...)``. ``fold_ln=True`` adds the ``*_folded``
+    variants (norm gains folded into the weights that read the normalised stream). ``arch``: the model's
+    :class:`~residual_dynamics.probes.arch.Arch` (built from the bridge if not given).
     """
-    del tokens
-    cfg = bridge.cfg
-    has_mlp = not getattr(cfg, "attn_only", False)
-    gated = has_mlp and bool(getattr(cfg, "gated_mlp", False))
-    blocks = [bridge.blocks[layer] for layer in range(n_layers(bridge))]
+    del tokens, attention_mask
+    arch = Arch.of(bridge) if arch is None else arch
+    raise_if_unsupported(unsupported(arch))
+    has_mlp = arch.has_mlp
+    gated = arch.gated_mlp
+    blocks = [bridge.blocks[layer] for layer in range(arch.n_layers)]
 
     W_Q, W_K, W_V, W_O = (_stat(w) for w in (bridge.W_Q, bridge.W_K, bridge.W_V, bridge.W_O))
     W_in = _stat(bridge.W_in) if has_mlp else None

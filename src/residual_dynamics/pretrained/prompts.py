@@ -1,6 +1,6 @@
 """Prompt sets for probing pretrained models, and their tokenization into right-padded batches.
 
-The default set (``prompts/default_prompts.json``, package data) is 43 short English texts written for
+The default set (``pretrained/prompt_sets/default_prompts.json``, package data) is 43 short English texts written for
 this project, tagged by genre -- news, fiction, code, dialogue, lists, science, recipes, history,
 email, poetry, reviews and more -- each about 60-115 tokens long with a GPT-2-style BPE tokenizer.
 """
@@ -8,12 +8,39 @@ email, poetry, reviews and more -- each about 60-115 tokens long with a GPT-2-st
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from importlib import resources
 from typing import Optional, Sequence
 
 import torch
 
+from residual_dynamics.errors import ConfigError
+
 DEFAULT_PROMPTS = "default_prompts.json"
+PROMPT_SOURCES = ("default", "corpus")
+
+
+@dataclass
+class PromptsConfig:
+    """``prompts`` of ``python -m residual_dynamics.probe``.
+
+    source:  default (the shipped prompt set) | corpus (held-out documents of the ``data`` group).
+    n:       number of prompts / documents.
+    max_len: tokens per prompt, BOS included; longer ones are cut, shorter ones padded and masked.
+    """
+
+    source: str = "default"
+    n: int = 32
+    max_len: int = 128
+
+    def validated(self) -> "PromptsConfig":
+        if self.source not in PROMPT_SOURCES:
+            raise ConfigError("prompts.source", f"must be one of {', '.join(PROMPT_SOURCES)}, got {self.source!r}")
+        for key, minimum in (("n", 1), ("max_len", 2)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"prompts.{key}", f"must be an integer >= {minimum}, got {value!r}")
+        return self
 
 
 def load_prompts(name: str = DEFAULT_PROMPTS, *, genres: Optional[Sequence[str]] = None) -> list[str]:
@@ -21,7 +48,7 @@ def load_prompts(name: str = DEFAULT_PROMPTS, *, genres: Optional[Sequence[str]]
 
     genres: keep only prompts of these genres (all when None).
     """
-    entries = json.loads(resources.files("residual_dynamics").joinpath("prompts", name).read_text("utf-8"))
+    entries = json.loads(resources.files("residual_dynamics.pretrained").joinpath("prompt_sets", name).read_text("utf-8"))
     if genres is not None:
         unknown = set(genres) - {entry["genre"] for entry in entries}
         if unknown:

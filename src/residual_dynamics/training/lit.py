@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import asdict
 
 import lightning as L
 import torch
 
-from residual_dynamics.model import ModelConfig, Transformer
-from residual_dynamics.optim import OptimConfig, build_optimizer, build_scheduler
+from residual_dynamics.training.model import ModelConfig, Transformer
+from residual_dynamics.training.optim import OptimConfig, build_optimizer, build_scheduler
 
 
 class LitTransformer(L.LightningModule):
-    def __init__(self, model: Mapping[str, Any], optim: Mapping[str, Any], max_steps: int, compile: bool = False):
+    """Takes the typed ``ModelConfig`` and ``OptimConfig``; saves them in checkpoints with ``asdict``
+    (``hyper_parameters["model"]``, ``["optim"]``), so a checkpoint describes its model without code."""
+
+    def __init__(self, model: ModelConfig, optim: OptimConfig, max_steps: int, compile: bool = False):
         super().__init__()
-        self.save_hyperparameters()
-        self.model = Transformer(ModelConfig.from_dict(model))
-        self.optim_cfg = OptimConfig.from_dict(optim)
+        self.save_hyperparameters({"model": asdict(model), "optim": asdict(optim), "max_steps": max_steps,
+                                   "compile": compile})
+        self.model = Transformer(model)
+        self.optim_cfg = optim
         self.max_steps = max_steps
         # torch.compile wraps the forward only, so checkpoints keep plain parameter names
         self._forward_loss = torch.compile(self.model.loss) if compile else self.model.loss

@@ -27,6 +27,7 @@ Sources, exactly one of which is used, in this order of precedence:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 #: Seconds the hub gets to answer the reachability check before it counts as unreachable.
 HUB_TIMEOUT_S = 3.0
 
-SPEC_FIELDS = ("name", "hub_name", "path", "gguf", "revision", "dtype", "device", "prepend_bos")
+SPEC_FIELDS = ("name", "hub_name", "path", "gguf", "revision", "dtype", "device", "prepend_bos", "requires")
 SPEC_DEFAULTS = {"dtype": "float32", "device": "auto", "prepend_bos": "auto"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -104,13 +105,49 @@ class ModelInfo:
     load_seconds: float
 
 
+@dataclass
+class PretrainedSpec:
+    """The ``model`` of ``python -m residual_dynamics.probe``: one file of conf/pretrained/ (a Hydra
+    structured config). Exactly one source is used, in this order: ``path`` > ``gguf`` > ``hub_name``.
+
+    name:        display / group name in logs and results.
+    hub_name:    Hugging Face hub repository id (needs the hub or a copy in the local HF cache).
+    path:        a local ``save_pretrained`` directory (with config.json).
+    gguf:        a .gguf file, converted once to float32 under ``$RESIDUAL_DYNAMICS_CACHE/gguf/``.
+    revision:    hub branch / tag / commit (hub_name only); e.g. Pythia's ``step1000``.
+    dtype:       float32 | bfloat16 | float16.
+    device:      auto (cuda if available, else cpu) or a torch device.
+    prepend_bos: auto (follow the tokenizer), true or false.
+    requires:    ``path`` or ``gguf``: that source is mandatory (conf/pretrained/local.yaml, gguf.yaml).
+    """
+
+    name: Optional[str] = None
+    hub_name: Optional[str] = None
+    path: Optional[str] = None
+    gguf: Optional[str] = None
+    revision: Optional[str] = None
+    dtype: str = "float32"
+    device: str = "auto"
+    prepend_bos: Any = "auto"  # auto | true | false (checked by validated())
+    requires: Optional[str] = None  # path | gguf: that source must be given (model=local, model=gguf)
+
+    def validated(self) -> "PretrainedSpec":
+        """Check every field without loading anything (the source must exist); returns self."""
+        fields = _spec_dict(dataclasses.asdict(self))
+        _parse_dtype(fields["dtype"])
+        _parse_device(fields["device"])
+        _parse_prepend_bos(fields["prepend_bos"])
+        _pick_source(fields)
+        return self
+
+
 def default_cache_dir() -> Path:
     """``$RESIDUAL_DYNAMICS_CACHE``, else ``~/.cache/residual-dynamics`` (not created here)."""
     return Path(os.environ.get("RESIDUAL_DYNAMICS_CACHE") or Path.home() / ".cache" / "residual-dynamics")
 
 
 def load_pretrained(
-    spec: Union[Mapping[str, Any], DictConfig],
+    spec: Union[PretrainedSpec, Mapping[str, Any], DictConfig],
 ) -> tuple[TransformerBridge, PreTrainedTokenizerBase, ModelInfo]:
     """Load a pretrained model as a TransformerLens bridge.
 
@@ -121,7 +158,7 @@ def load_pretrained(
 
     Returns ``(bridge, tokenizer, info)``: the ``TransformerBridge`` in eval mode; the model's own
     Hugging Face tokenizer, unmodified (``bridge.tokenizer`` is TransformerLens' copy of it, reconfigured
-    to add BOS -- feed prompts through :func:`residual_dynamics.prompts.tokenize_prompts` with
+    to add BOS -- feed prompts through :func:`residual_dynamics.pretrained.prompts.tokenize_prompts` with
     ``prepend_bos=info.prepend_bos`` instead); and a :class:`ModelInfo`.
 
     Every field is validated before anything is loaded; a bad one raises :class:`ConfigError` naming it.
@@ -209,6 +246,8 @@ def _spec_dict(spec: Union[Mapping[str, Any], DictConfig]) -> dict[str, Any]:
             if OmegaConf.is_missing(spec, key):
                 raise ConfigError(f"model.{key}", "is mandatory (???) and was not set")
         spec = OmegaConf.to_container(spec, resolve=True)
+    if isinstance(spec, PretrainedSpec):
+        spec = dataclasses.asdict(spec)
     if not isinstance(spec, Mapping):
         raise ConfigError("model", f"expected a mapping of model fields, got {type(spec).__name__}")
     unknown = sorted(set(spec) - set(SPEC_FIELDS))
@@ -255,6 +294,12 @@ def _parse_prepend_bos(value) -> Union[bool, str]:
 
 def _pick_source(fields: dict[str, Any]) -> tuple[str, Any]:
     """Validate and return the one source used: ("path", dir) > ("gguf", file) > ("hub", repo id)."""
+    required = fields.get("requires")
+    if required not in (None, "path", "gguf"):
+        raise ConfigError("model.requires", f"must be null, path or gguf, got {required!r}")
+    if required is not None and fields[required] is None:
+        example = "/dir/with/config.json" if required == "path" else "/path/to/model.gguf"
+        raise ConfigError(f"model.{required}", f"is mandatory here and was not set: model.{required}={example}")
     if fields["path"] is not None:
         source, location = "path", Path(fields["path"]).expanduser()
         if not location.is_dir():

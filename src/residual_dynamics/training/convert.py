@@ -2,7 +2,7 @@
 
 The bridge is built with ``TransformerBridge.boot_native`` from the matching ``TransformerBridgeConfig``
 (without TL's own initialisation), then our weights are copied in through an explicit state-dict
-mapping. TransformerLens' native model uses the same formulas as ``residual_dynamics.model`` (norms,
+mapping. TransformerLens' native model uses the same formulas as ``residual_dynamics.training.model`` (norms,
 adjacent-pair rotary, biased q/k/v/o and MLP projections, bias-free unembedding), so the bridge gives the
 same logits; ``tests/test_convert.py`` checks that for every variant. Probes then see our model through
 the standard TransformerLens hook names (``blocks.3.hook_resid_post``, ``blocks.0.attn.hook_z``, ...).
@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from residual_dynamics.model import Transformer
+from residual_dynamics.training.model import Transformer
 
 _NATIVE_WRAPPER = "._original_component"
 

@@ -2,7 +2,7 @@
 
 One file, nanoGPT-style. Attention is ``F.scaled_dot_product_attention(is_causal=True)`` on a fused QKV
 projection, which trains faster than TransformerLens' own hooked models. For probing, the weights are
-mapped onto a TransformerLens ``TransformerBridge`` (see ``residual_dynamics.convert``); the math here
+mapped onto a TransformerLens ``TransformerBridge`` (see ``residual_dynamics.training.convert``); the math here
 (norm formulas, rotary convention, biases) is kept identical to TransformerLens' native model so both
 give the same logits.
 
@@ -33,6 +33,9 @@ POS_EMBEDDINGS = ("learned", "rotary")
 
 @dataclass
 class ModelConfig:
+    """The ``model`` config group (a Hydra structured config: conf/model/*.yaml are its instances)."""
+
+    name: str = "custom"  # the config-group option name, for humans and W&B
     n_layers: int = 4
     d_model: int = 128
     n_heads: int = 4
@@ -54,7 +57,6 @@ class ModelConfig:
         """Build and validate from a (Hydra) mapping; unknown keys are an error naming the key."""
         known = {f.name for f in fields(cls)}
         values = dict(cfg)
-        values.pop("name", None)  # the config-group option name, for humans and W&B
         for key in values:
             if key not in known:
                 raise ConfigError(f"{field_prefix}.{key}", f"unknown model field; known fields: {sorted(known)}")

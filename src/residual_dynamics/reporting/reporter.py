@@ -1,48 +1,18 @@
-"""W&B mode resolution and the probe reporter shared by training and pretrained runs.
+"""The probe reporter shared by training and pretrained runs: results file, W&B and figures.
 
-``logger.mode: auto`` (the default) runs W&B online when an API key or a ``wandb login`` is present and
-offline otherwise; offline runs land in ``<run_dir>/wandb/offline-run-*`` and can be uploaded later with
-``wandb sync <that dir>``. ``WANDB_MODE`` in the environment wins over the config.
+The W&B mode and the ``logger`` group live in :mod:`residual_dynamics.reporting.logger`.
 """
 
 from __future__ import annotations
 
-import netrc
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from residual_dynamics import figures
-from residual_dynamics.results import RESULTS_FILE, ResultsFile, rows, scalars
+from residual_dynamics.reporting import figures
+from residual_dynamics.reporting.results import RESULTS_FILE, ResultsFile, rows, scalars
 
 STEP_KEY = "trainer/global_step"  # Lightning's WandbLogger x-axis; pretrained runs use it too
-MODES = ("auto", "online", "offline", "disabled")
-
-
-def _has_wandb_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        auth = netrc.netrc().authenticators("api.wandb.ai")
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-    return bool(auth and auth[2])
-
-
-def resolve_wandb_mode(mode: str = "auto") -> str:
-    """online / offline / disabled. Never online without credentials, so nothing hangs on a login."""
-    env = os.environ.get("WANDB_MODE")
-    if env in ("online", "offline", "disabled"):
-        mode = env
-    elif env == "dryrun":
-        mode = "offline"
-    if mode not in MODES:
-        from residual_dynamics.errors import ConfigError
-
-        raise ConfigError("logger.mode", f"must be one of {MODES}, got {mode!r}")
-    if mode == "auto":
-        return "online" if _has_wandb_credentials() else "offline"
-    return mode
 
 
 class ProbeReporter:

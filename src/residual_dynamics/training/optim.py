@@ -14,37 +14,37 @@ Groups (every parameter is in exactly one):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Optional
 
 import torch
 
 from residual_dynamics.errors import ConfigError
-from residual_dynamics.model import Transformer
+from residual_dynamics.training.model import Transformer
 
 
 @dataclass
 class OptimConfig:
+    """The ``optim`` config group (a Hydra structured config: conf/optim/*.yaml are its instances)."""
+
+    name: str = "adamw"
     lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
     decay_norm_params: bool = False
     decay_embeddings: bool = False
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: Optional[float] = 1.0
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> "OptimConfig":
         known = {f.name for f in fields(cls)}
         values = dict(cfg)
-        values.pop("name", None)
         for key in values:
             if key not in known:
                 raise ConfigError(f"optim.{key}", f"unknown optimizer field; known fields: {sorted(known)}")
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
         config = cls(**values)
         config.validate()
         return config
@@ -96,7 +96,7 @@ def param_groups(model: Transformer, cfg: OptimConfig) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: Transformer, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -1,0 +1,140 @@
+"""Probe a pretrained model: ``python -m residual_dynamics.probe model=<name> [overrides]``.
+
+``model=`` names a file of ``conf/pretrained/`` (gpt2 ... gpt2-xl, distilgpt2, pythia-70m/160m, opt-125m,
+gpt-neo-125m, smollm2-135m, smollm2_offline, local, gguf); ``model.path=``, ``model.gguf=`` and
+``model.revision=step<N>`` (Pythia checkpoints) refine it. The run is logged like a training
+checkpoint: W&B (``job_type=pretrained``, the model name as group, the same ``probe/...`` keys against
+``trainer/global_step``), ``<run_dir>/results.jsonl`` and the same PNG figures, so pretrained and
+trained curves overlay. A multirun over ``model.revision`` gives a training-dynamics curve of a
+released model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from residual_dynamics.errors import ConfigError, DataError
+from residual_dynamics.reporting.reporter import STEP_KEY, ProbeReporter
+from residual_dynamics.spec import CONF_DIR, ProbeRunSpec, parse_probe
+
+log = logging.getLogger("residual_dynamics.probe")
+
+
+def x_axis_step(spec: ProbeRunSpec) -> int:
+    """The step to log against: ``step`` if set, else N of a ``step<N>`` revision, else 0."""
+    if spec.step is not None:
+        return int(spec.step)
+    match = re.fullmatch(r"step(\d+)", str(spec.model.revision or ""))
+    return int(match.group(1)) if match else 0
+
+
+def prompt_texts(spec: ProbeRunSpec) -> list[str]:
+    """The shipped prompt set, or held-out documents of the configured corpus."""
+    if spec.prompts.source == "default":
+        from residual_dynamics.pretrained.prompts import load_prompts
+
+        return load_prompts()[: spec.prompts.n]
+    from residual_dynamics.data.corpus import open_corpus
+
+    data = spec.data
+    texts = []
+    for held_out, text in open_corpus(data, spec.cache_dir).split_documents(data.val_period):
+        if held_out and text.strip():
+            texts.append(text)
+            if len(texts) == spec.prompts.n:
+                break
+    if not texts:
+        raise DataError(f"the {data.name} corpus has no held-out documents to use as prompts")
+    return texts
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Parse ``cfg`` once and probe the model it names."""
+    return probe(parse_probe(cfg))
+
+
+def probe(spec: ProbeRunSpec) -> dict[str, Any]:
+    from residual_dynamics.pretrained.loading import load_pretrained
+    from residual_dynamics.pretrained.prompts import tokenize_prompts
+    from residual_dynamics.probes.arch import Arch
+    from residual_dynamics.probes.registry import run_probes
+
+    bridge, tokenizer, info = load_pretrained(spec.model)
+    arch = Arch.of(bridge)
+    probes = spec.check_probes(arch, info.n_ctx)
+    texts = prompt_texts(spec)
+    tokens, attention_mask = tokenize_prompts(tokenizer, texts, max_len=min(spec.prompts.max_len, info.n_ctx),
+                                              prepend_bos=info.prepend_bos)
+    device = next(bridge.parameters()).device
+    tokens, attention_mask = tokens.to(device), attention_mask.to(device)
+    step = x_axis_step(spec)
+    run_dir = spec.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    wandb_run = None
+    if spec.logger.kind == "wandb":
+        import wandb
+
+        wandb_run = wandb.init(
+            project=spec.logger.project, entity=spec.logger.entity, group=spec.logger.group,
+            job_type=spec.logger.job_type, tags=list(spec.logger.tags), name=spec.run_name, dir=str(run_dir),
+            mode=spec.logger.wandb_mode, config={**spec.config, "model_info": dataclasses.asdict(info)},
+        )
+        # the same x-axis as Lightning's WandbLogger, so pretrained points sit on the training curves
+        wandb_run.define_metric(STEP_KEY)
+        wandb_run.define_metric("*", step_metric=STEP_KEY, step_sync=True)
+    try:
+        with torch.no_grad():
+            results = run_probes(bridge, tokens, probes, attention_mask=attention_mask, arch=arch)
+        reporter = ProbeReporter(run_dir, wandb_run=wandb_run, pretrained=True,
+                                 meta={"run": spec.run_name, "model": info.name})
+        pngs = reporter.report(results, step)
+        wandb_dir = Path(wandb_run.dir).parent if wandb_run is not None else None
+    finally:
+        if wandb_run is not None:
+            wandb_run.finish()
+    for name, result in results.items():
+        note = getattr(result, "note", None)
+        if note:
+            print(f"  note ({name}): {note}")
+    print(f"\nProbed {info.name} ({info.architecture}, {info.n_layers} layers) on {tokens.shape[0]} prompts "
+          f"at step {step}.")
+    print(f"  run directory : {run_dir}")
+    if wandb_dir is not None:
+        print(f"  W&B run       : {wandb_dir}")
+    print(f"  probe results : {reporter.results.path}")
+    for path in pngs.values():
+        print(f"  figure        : {path}")
+    return {"run_dir": run_dir, "results": results, "wandb": wandb_dir, "figures": pngs, "info": info}
+
+
+def _model_group_argv(argv: list[str]) -> list[str]:
+    """``model=<name>`` selects the ``pretrained@model`` config group (``model.<field>=`` stays as is)."""
+    return ["pretrained@model=" + a[len("model="):] if a.startswith("model=") else a for a in argv]
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="probe")
+def _main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (ConfigError, DataError) as exc:
+        log.error("%s", exc)
+        raise SystemExit(f"error: {exc}") from None
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    sys.argv = [sys.argv[0], *_model_group_argv(list(sys.argv[1:] if argv is None else argv))]
+    _main()
+
+
+if __name__ == "__main__":
+    main()
