@@ -17,8 +17,8 @@ zero biases, unit norm gains, and the residual projections (attn.o, mlp.w_out) s
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Optional
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -51,18 +51,6 @@ class ModelConfig:
     eps: float = 1e-5
     init_std: float = 0.02
     rotary_base: float = 10000.0
-
-    @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any], field_prefix: str = "model") -> "ModelConfig":
-        """Build and validate from a (Hydra) mapping; unknown keys are an error naming the key."""
-        known = {f.name for f in fields(cls)}
-        values = dict(cfg)
-        for key in values:
-            if key not in known:
-                raise ConfigError(f"{field_prefix}.{key}", f"unknown model field; known fields: {sorted(known)}")
-        config = cls(**values)
-        config.validate(field_prefix)
-        return config
 
     def validate(self, p: str = "model") -> None:
         """Raise ConfigError naming the first bad field. Call before any compute."""

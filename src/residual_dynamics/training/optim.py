@@ -14,8 +14,8 @@ Groups (every parameter is in exactly one):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 
@@ -37,17 +37,6 @@ class OptimConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
     grad_clip: Optional[float] = 1.0
-
-    @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> "OptimConfig":
-        known = {f.name for f in fields(cls)}
-        values = dict(cfg)
-        for key in values:
-            if key not in known:
-                raise ConfigError(f"optim.{key}", f"unknown optimizer field; known fields: {sorted(known)}")
-        config = cls(**values)
-        config.validate()
-        return config
 
     def validate(self) -> None:
         if not self.lr > 0:
