@@ -155,11 +155,14 @@ class Reference:
     order: attn_0, mlp_0, attn_1, ... (attention-only: attn_0, attn_1, ...).
     """
 
+    parallel = False  # attention and MLP read the same input (ParallelReference)
+
     def __init__(self, bridge):
         self.cfg = bridge.cfg
         self.w = native_float64(bridge)
         self.norm = self.cfg.normalization_type
         self.has_mlp = not self.cfg.attn_only
+        self.has_pos = (getattr(self.cfg, "positional_embedding_type", None) or "standard") == "standard"
         self.n_sublayers = self.cfg.n_layers * (2 if self.has_mlp else 1)
 
     # --- building blocks ------------------------------------------------------------------------
@@ -191,10 +194,13 @@ class Reference:
             out = out + self.w[f"{prefix}.bias"]
         return out
 
-    def head_z(self, x, layer, attention_mask=None):
-        """z [batch, pos, head, d_head] of normalized inputs ``x``, with an explicit loop over heads and
-        query positions; query head h reads key/value head h // (n_heads / n_kv_heads), and masked
-        (padding) keys are never attended to."""
+    def rotate(self, q, k):
+        """Rotary embedding of queries and keys [batch, pos, head, d_head] (none: standard positions)."""
+        return q, k
+
+    def qkv(self, x, layer):
+        """Queries [batch, pos, head, d_head], keys and values [batch, pos, kv_head, d_head] of normalized
+        inputs ``x``, biases included, rotary applied."""
         cfg, w = self.cfg, self.w
         a = f"layers.{layer}.attn"
         n_kv = cfg.n_key_value_heads or cfg.n_heads
@@ -202,16 +208,57 @@ class Reference:
         q = (x @ w[f"{a}.q.weight"].T + w[f"{a}.q.bias"]).view(batch, pos, cfg.n_heads, cfg.d_head)
         k = (x @ w[f"{a}.k.weight"].T + w[f"{a}.k.bias"]).view(batch, pos, n_kv, cfg.d_head)
         v = (x @ w[f"{a}.v.weight"].T + w[f"{a}.v.bias"]).view(batch, pos, n_kv, cfg.d_head)
+        q, k = self.rotate(q, k)
+        return q, k, v
+
+    def kv_head(self, head):
+        """The key/value head query head ``head`` reads (grouped-query attention)."""
+        n_kv = self.cfg.n_key_value_heads or self.cfg.n_heads
+        return head // (self.cfg.n_heads // n_kv)
+
+    def head_patterns(self, x, layer, attention_mask=None):
+        """Attention patterns [batch, head, query, key] of normalized inputs ``x``, with an explicit loop
+        over heads and query positions; query head h reads key/value head :meth:`kv_head`, masked
+        (padding) keys are never attended to, and keys after the query get 0."""
+        cfg = self.cfg
+        q, k, _ = self.qkv(x, layer)
+        batch, pos, _ = x.shape
         keep = torch.ones(batch, pos, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        z = torch.zeros(batch, pos, cfg.n_heads, cfg.d_head, dtype=torch.float64)
+        patterns = torch.zeros(batch, cfg.n_heads, pos, pos, dtype=torch.float64)
         for h in range(cfg.n_heads):
-            kv = h // (cfg.n_heads // n_kv)
+            kv = self.kv_head(h)
             for p in range(pos):
                 scores = torch.einsum("bd,bjd->bj", q[:, p, h], k[:, : p + 1, kv]) / math.sqrt(cfg.d_head)
                 scores = scores.masked_fill(~keep[:, : p + 1], -math.inf)
-                pattern = scores.softmax(-1)
-                z[:, p, h] = torch.einsum("bj,bjd->bd", pattern, v[:, : p + 1, kv])
+                patterns[:, h, p, : p + 1] = scores.softmax(-1)
+        return patterns
+
+    def head_z(self, x, layer, attention_mask=None):
+        """z [batch, pos, head, d_head] of normalized inputs ``x``: each head's pattern
+        (:meth:`head_patterns`) times its values, query position by query position."""
+        cfg = self.cfg
+        _, _, v = self.qkv(x, layer)
+        patterns = self.head_patterns(x, layer, attention_mask)
+        batch, pos, _ = x.shape
+        z = torch.zeros(batch, pos, cfg.n_heads, cfg.d_head, dtype=torch.float64)
+        for h in range(cfg.n_heads):
+            for p in range(pos):
+                z[:, p, h] = torch.einsum("bj,bjd->bd", patterns[:, h, p, : p + 1], v[:, : p + 1, self.kv_head(h)])
         return z
+
+    def w_v(self, layer, head):
+        """[d_model, d_head] value weights that query head ``head`` reads through (no bias)."""
+        d, kv = self.cfg.d_head, self.kv_head(head)
+        return self.w[f"layers.{layer}.attn.v.weight"][kv * d : (kv + 1) * d].T
+
+    def norm_linear(self, c, prefix, scale):
+        """The norm ``prefix`` frozen at ``scale``, as a linear map of one component c [..., d_model]:
+        centering (LayerNorms), the gain (norms with a weight), division by the scale; no bias."""
+        if self.norm in ("LN", "LNPre"):
+            c = c - c.mean(-1, keepdim=True)
+        if self.norm in ("LN", "RMS"):
+            c = c * self.w[f"{prefix}.weight"]
+        return c / scale
 
     def w_o(self, layer, head):
         """[d_head, d_model] slice of the output projection for one head."""
@@ -244,6 +291,10 @@ class Reference:
             return gate, hidden @ w[f"{m}.out.weight"].T
         pre = normed @ w[f"{m}.fc_in.weight"].T + w[f"{m}.fc_in.bias"]
         return pre, activation(self.cfg.act_fn, pre) @ w[f"{m}.fc_out.weight"].T + w[f"{m}.fc_out.bias"]
+
+    def sublayer_input(self, streams, s):
+        """The residual stream sublayer s reads in the clean forward (``streams`` of :meth:`forward`)."""
+        return streams[s // 2] if self.parallel else streams[s]
 
     def sublayer(self, s, x, attention_mask=None):
         """Output of sublayer s (forward order) on residual vectors ``x`` [batch, pos, d_model]."""
@@ -289,6 +340,87 @@ class Reference:
         return acts
 
 
+class ParallelReference(Reference):
+    """Float64 forward of a GPT-NeoX / Pythia model (:func:`hf_bridge` ``"neox"``) from the raw Hugging
+    Face state dict: parallel blocks ``x + attn(ln1(x)) + mlp(ln2(x))``, LayerNorm, partial rotary
+    embeddings (rotate-half, on the first ``rotary_pct`` of each head), exact GELU, no positional embedding
+    and no unembedding bias. The weights are renamed to :class:`Reference`'s names (the fused
+    ``query_key_value`` split per head into q, k, v), so every building block is shared; sublayers are
+    numbered attn_0, mlp_0, attn_1, ... and ``forward`` returns the L + 1 residual points resid_pre_0,
+    resid_post_0, ... (no resid_mid)."""
+
+    parallel = True
+
+    def __init__(self, model, state):
+        from types import SimpleNamespace
+
+        config = model.config
+        n_layers, n_heads = config.num_hidden_layers, config.num_attention_heads
+        d_model = config.hidden_size
+        d_head = d_model // n_heads
+        self.cfg = SimpleNamespace(n_layers=n_layers, n_heads=n_heads, d_head=d_head, d_model=d_model,
+                                   n_key_value_heads=None, eps=config.layer_norm_eps, gated_mlp=False,
+                                   act_fn=config.hidden_act, attn_only=False)
+        assert config.use_parallel_residual and config.hidden_act == "gelu"
+        self.norm, self.has_mlp, self.has_pos = "LN", True, False
+        self.n_sublayers = 2 * n_layers
+        rope = config.rope_parameters
+        self.rotary_dim = int(d_head * rope.get("partial_rotary_factor", 1.0))
+        self.rotary_base = float(rope["rope_theta"])
+        w = {"tok_embed.weight": state["gpt_neox.embed_in.weight"], "head.weight": state["lm_head.weight"]}
+        for name in ("weight", "bias"):
+            w[f"ln_out.{name}"] = state[f"gpt_neox.final_layer_norm.{name}"]
+        for layer in range(n_layers):
+            hf, ours = f"gpt_neox.layers.{layer}", f"layers.{layer}"
+            for name in ("weight", "bias"):
+                w[f"{ours}.ln1.{name}"] = state[f"{hf}.input_layernorm.{name}"]
+                w[f"{ours}.ln2.{name}"] = state[f"{hf}.post_attention_layernorm.{name}"]
+                fused = state[f"{hf}.attention.query_key_value.{name}"]
+                per_head = fused.view(n_heads, 3, d_head, *fused.shape[1:])  # [head, (q, k, v), d_head, ...]
+                for index, part in enumerate(("q", "k", "v")):
+                    w[f"{ours}.attn.{part}.{name}"] = per_head[:, index].reshape(n_heads * d_head, *fused.shape[1:])
+                w[f"{ours}.attn.o.{name}"] = state[f"{hf}.attention.dense.{name}"]
+                w[f"{ours}.mlp.fc_in.{name}"] = state[f"{hf}.mlp.dense_h_to_4h.{name}"]
+                w[f"{ours}.mlp.fc_out.{name}"] = state[f"{hf}.mlp.dense_4h_to_h.{name}"]
+        self.w = w
+
+    def pos_embedding(self, tokens):
+        return torch.zeros(*tokens.shape, self.cfg.d_model, dtype=torch.float64)
+
+    def embed(self, tokens):
+        return self.token_embedding(tokens)
+
+    def rotate(self, q, k):
+        """Rotate-half rotary embedding of the first ``rotary_dim`` dims of each head, angle
+        p / base^(2i / rotary_dim) at position p, written out (GPT-NeoX)."""
+        dim, pos = self.rotary_dim, q.shape[1]
+        inv_freq = 1.0 / self.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        angles = torch.arange(pos, dtype=torch.float64)[:, None] * inv_freq[None]  # [pos, dim / 2]
+        cos = torch.cat([angles.cos(), angles.cos()], -1)[None, :, None]
+        sin = torch.cat([angles.sin(), angles.sin()], -1)[None, :, None]
+
+        def apply(x):
+            rot, rest = x[..., :dim], x[..., dim:]
+            half = dim // 2
+            rotated = torch.cat([-rot[..., half:], rot[..., :half]], -1)
+            return torch.cat([rot * cos + rotated * sin, rest], -1)
+
+        return apply(q), apply(k)
+
+    def forward(self, tokens, attention_mask=None):
+        """(logits, sublayer outputs attn_0, mlp_0, ..., the residual stream before each block and at
+        the end): both sublayers of a block read the block's input."""
+        resid = self.embed(tokens)
+        outputs, streams = [], [resid]
+        for layer in range(self.cfg.n_layers):
+            attn = self.sublayer(2 * layer, resid, attention_mask)
+            mlp = self.sublayer(2 * layer + 1, resid, attention_mask)
+            outputs += [attn, mlp]
+            resid = resid + attn + mlp
+            streams.append(resid)
+        return self.logits(resid), outputs, streams
+
+
 # --- HuggingFace models (offline) ----------------------------------------------------------------------
 
 HF_VOCAB = 100
@@ -316,13 +448,20 @@ def offline_tokenizer(vocab_size: int = HF_VOCAB):
 def hf_bridge(kind: str):
     """(HF model, bridge, float64 copy of the HF state dict taken before booting) for a random local model
     with ``HF_VOCAB`` tokens: ``gpt2`` (Conv1D, LN, GELU), ``llama`` (GQA, gated SiLU MLP, RMSNorm,
-    rotary) or ``neox`` (GPT-NeoX / Pythia: parallel attention + MLP, rotary). Weights are drawn with
-    std 0.1 instead of HF's 0.02, so that every sublayer visibly moves the logits, and norm gains are
-    perturbed so that they matter."""
+    rotary), ``neox`` (GPT-NeoX / Pythia: parallel attention + MLP, rotary) or ``gptj`` (GPT-J: parallel
+    attention + MLP behind ONE shared pre-norm, rotary). Weights are drawn with std 0.1 instead of HF's
+    0.02, so that every sublayer visibly moves the logits, and norm gains are perturbed so that they
+    matter."""
     import transformers
 
     torch.manual_seed(0)
-    if kind == "neox":  # parallel attention + MLP blocks (GPT-NeoX / Pythia)
+    if kind == "gptj":  # parallel blocks with one pre-norm for attention and MLP
+        name = "EleutherAI/gpt-j-6b"
+        model = transformers.GPTJForCausalLM(
+            transformers.GPTJConfig(n_embd=32, n_layer=2, n_head=4, vocab_size=HF_VOCAB, n_positions=32,
+                                    rotary_dim=4, initializer_range=0.1)
+        )
+    elif kind == "neox":  # parallel attention + MLP blocks (GPT-NeoX / Pythia)
         name = "EleutherAI/pythia-70m"
         model = transformers.GPTNeoXForCausalLM(
             transformers.GPTNeoXConfig(
@@ -495,4 +634,24 @@ def planted_cleanup_bridge(seed: int = 0):
                 w[f"{a}.v.weight"][head(h)] = value
                 w[f"{a}.v.bias"][head(h)] = value_bias
                 w[f"{a}.o.weight"][:, head(h)] = gain * w_o
+    return bridge
+
+
+def planted_vcomp_bridge(seed: int = 0):
+    """:func:`planted_cleanup_bridge` with L1H1 cleaning by V-composition instead of recomputation: its
+    value reads the F block (where only L0H0 has written by then) with W_V = I and writes it back with
+    W_O = -I, still attending (up to exp(-100)) to the current position only. So L1H1 writes exactly
+    -(L0H0 output) again (PR = -1), but now all of it through V-composition with L0H0: the V-composition
+    part of its output is -(L0H0 output), and its DLA is minus L0H0's. L1H2 (PR = -0.5) still recomputes
+    from the P and T blocks and has no V-composition with L0H0."""
+    bridge = planted_cleanup_bridge(seed)
+    F_ = slice(32, 48)
+    head = slice(16, 32)  # head 1
+    with torch.no_grad():
+        w = native_weights(bridge)
+        w["layers.1.attn.v.weight"][head] = 0.0
+        w["layers.1.attn.v.weight"][head, F_] = torch.eye(16)
+        w["layers.1.attn.v.bias"][head] = 0.0
+        w["layers.1.attn.o.weight"][:, head] = 0.0
+        w["layers.1.attn.o.weight"][F_, head] = -torch.eye(16)
     return bridge

@@ -72,3 +72,33 @@ def test_mapping_covers_every_parameter():
     n_ours = sum(p.numel() for p in model.parameters())
     assert sum(t.numel() for t in mapped.values()) == n_ours
     assert "layers.1.mlp.ln.weight" in mapped and "layers.0.attn.v.bias" in mapped
+
+
+@pytest.mark.parametrize("kind", ["LN", "LNPre", "RMS", "RMSPre"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norms_match_the_float64_formulas(kind, dtype):
+    """Norm (F.layer_norm / F.rms_norm) against the formulas written out in float64: LN centres and divides
+    by sqrt(biased variance + eps), RMS divides by sqrt(mean square + eps); a gain (and LN's bias) after.
+    Non-float32 inputs are normalised in float32 and cast back."""
+    from residual_dynamics.training.model import Norm
+
+    torch.manual_seed(0)
+    d, eps = 48, 1e-5
+    norm = Norm(kind, d, eps)
+    with torch.no_grad():
+        for param in norm.parameters():
+            param.copy_(torch.randn_like(param))
+    x = (3 * torch.randn(4, 7, d) + 1).to(dtype)
+    out = norm(x)
+    assert out.dtype == dtype and out.shape == x.shape
+
+    x64 = x.double()
+    if kind in ("LN", "LNPre"):
+        x64 = x64 - x64.mean(-1, keepdim=True)
+    expected = x64 / torch.sqrt((x64 ** 2).mean(-1, keepdim=True) + eps)
+    if norm.weight is not None:
+        expected = expected * norm.weight.double()
+    if norm.bias is not None:
+        expected = expected + norm.bias.double()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16: the cast back to 8 mantissa bits
+    torch.testing.assert_close(out.double(), expected.to(dtype).double(), rtol=tolerance, atol=tolerance)

@@ -394,8 +394,71 @@ def test_cache_key_follows_corpus_and_tokenizer(txt_dir, tmp_path):
 
 def test_corpus_too_small_for_a_split_is_a_data_error(tmp_path):
     (tmp_path / "only.txt").write_text("a single document")
-    with pytest.raises(DataError, match="at least 2"):
+    with pytest.raises(DataError, match="at least 2") as err:
         make_module(text_cfg(tmp_path), tmp_path / "cache")
+    assert f"data.path={tmp_path.resolve()}" in str(err.value)  # names the corpus, not only the cache
+
+
+def test_data_path_that_is_a_file_says_so(txt_dir):
+    root, _ = txt_dir
+    with pytest.raises(ConfigError) as err:
+        validate_data_config(text_cfg(root / "doc00.txt"), BPE, seq_len=16)
+    assert err.value.field == "data.path" and "is a file" in str(err.value) and "data.pattern='doc00.txt'" in str(err.value)
+
+
+def test_manifest_records_the_tokenizer_fingerprint(txt_dir, tmp_path):
+    root, _ = txt_dir
+    dm = make_module(text_cfg(root), tmp_path)
+    manifest = json.loads((dm.shards.directory / "manifest.json").read_text())
+    assert manifest["tokenizer_fingerprint"] == tokenizer_module.tokenizer_fingerprint(dm.tokenizer)
+    assert dm.shards.tokenizer_fingerprint == manifest["tokenizer_fingerprint"]
+    manifest["tokenizer_fingerprint"] = "0" * 64  # a manifest of shards made with another tokenizer
+    (dm.shards.directory / "manifest.json").write_text(json.dumps(manifest))
+    assert make_module(text_cfg(root), tmp_path).shards.tokenizer_fingerprint == dm.shards.tokenizer_fingerprint
+
+
+def test_temporaries_of_a_killed_build_are_removed(txt_dir, tmp_path):
+    """A kill during a shard build leaves .<name>.<random>.tmp files; the next build (holding the lock) removes
+    them, and a finished cache is left alone."""
+    root, _ = txt_dir
+    shards = make_module(text_cfg(root), tmp_path).shards
+    stale = [shards.directory / ".train.bin.k1ll3d.tmp", shards.directory / ".val.bin.x.tmp"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    (shards.directory / "manifest.json").unlink()  # as if killed before the manifest was written
+    make_module(text_cfg(root), tmp_path)
+    assert not any(p.exists() for p in stale)
+    assert sorted(p.name for p in shards.directory.iterdir()) == ["manifest.json", "train.bin", "val.bin"]
+
+
+def _prepare_in_child(data_cfg, cache_dir, log_file, barrier):
+    import logging as logging_
+
+    logging_.basicConfig(filename=log_file, level=logging_.INFO, force=True)
+    data, tokenizer = validate_data_config(data_cfg, BPE, seq_len=16)
+    barrier.wait()  # both start at once, on an empty cache
+    _, shards = prepare_token_data(data, tokenizer, cache_dir)
+    return shards.n_tokens
+
+
+def test_concurrent_builders_build_the_cache_once_and_the_other_waits(txt_dir, tmp_path):
+    """Two processes (two DDP ranks, two sweep jobs) need the same tokenizer and shards at the same moment:
+    one trains and tokenizes, the other waits on the entry's lock and loads what it built."""
+    import multiprocessing
+
+    root, _ = txt_dir
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Manager().Barrier(2)
+    logs = [tmp_path / f"child{i}.log" for i in range(2)]
+    with ctx.Pool(2) as pool:
+        results = [pool.apply_async(_prepare_in_child, (text_cfg(root), tmp_path / "cache", str(log), barrier))
+                   for log in logs]
+        n_tokens = [r.get(timeout=300) for r in results]
+    text = "".join(log.read_text() for log in logs)
+    assert n_tokens[0] == n_tokens[1]
+    assert text.count("tokenizing the text_files corpus") == 1
+    assert text.count("training a 300-token byte-level BPE") == 1
+    assert "waiting for" in text
 
 
 def test_val_split_shorter_than_a_window_is_a_data_error(txt_dir, tmp_path):

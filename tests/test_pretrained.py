@@ -424,6 +424,36 @@ def test_pretrained_configs(monkeypatch, tmp_path):
     assert pretrained_model("smollm2_offline").path == str(expected)
 
 
+def test_fit_layers_default_from_the_pretrained_entry(tmp_path):
+    """gpt2-xl's entry carries the write-up's fit range, layers 5 to 41; it fills a null
+    probes.residual_norms.fit_layers, an explicit one wins, and it is checked against the loaded layers."""
+    from composed import composed
+    from residual_dynamics.probes.arch import Arch
+    from residual_dynamics.spec import parse_probe
+    from residual_dynamics.training.model import ModelConfig
+
+    assert list(pretrained_model("gpt2-xl").fit_layers) == [5, 41]
+    assert {name for name in FAMILIES if pretrained_model(name).fit_layers is not None} == {"gpt2-xl"}
+
+    def spec(*overrides):
+        return parse_probe(composed("probe", ["pretrained@model=gpt2-xl", "logger=none", f"paths.run_dir={tmp_path}",
+                                              f"paths.cache_dir={tmp_path}", *overrides]))
+
+    xl = Arch.from_model_config(ModelConfig(n_layers=48, d_model=64, n_heads=4, d_vocab=10))
+    assert spec().check_probes(xl)["residual_norms"].fit_layers == [5, 41]
+    assert spec("probes.residual_norms.fit_layers=[2,9]").check_probes(xl)["residual_norms"].fit_layers == [2, 9]
+    assert spec("model.fit_layers=null").check_probes(xl)["residual_norms"].fit_layers is None
+    assert "residual_norms" not in spec("probes.residual_norms.enabled=false").check_probes(xl)
+
+    small = Arch.from_model_config(ModelConfig(n_layers=12, d_model=64, n_heads=4, d_vocab=10))
+    with pytest.raises(ConfigError) as caught:  # e.g. model=gpt2-xl model.path=<a 12-layer model>
+        spec().check_probes(small)
+    assert caught.value.field == "model.fit_layers" and "n_layers=12" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        spec("model.fit_layers=[7,3]")
+    assert caught.value.field == "model.fit_layers"
+
+
 # --------------------------------------------------------------------------- SmolLM2 (real weights)
 
 

@@ -120,10 +120,22 @@ def test_arch_of_hf_neox_parallel():
     assert arch.parallel and arch.has_mlp and not arch.gated_mlp
     assert (arch.n_layers, arch.d_model, arch.n_heads, arch.n_kv_heads, arch.d_mlp) == (2, 32, 4, 4, 64)
     assert arch.positional == "rotary"
-    assert layer_horizon.unsupported(arch) is not None and "parallel" in layer_horizon.unsupported(arch)
-    assert cleanup.unsupported(arch) is not None and "parallel" in cleanup.unsupported(arch)
-    assert residual_norms.unsupported(arch) is None and activation_rates.unsupported(arch) is None
-    assert weight_norms.unsupported(arch) is None
+    # parallel blocks are supported: both sublayers of block l are written at once, after resid_pre_l
+    for module in (layer_horizon, cleanup, residual_norms, activation_rates, weight_norms):
+        assert module.unsupported(arch) is None, module.__name__
+    assert [arch.write_index(kind, layer) for layer in (0, 1) for kind in ("attn", "mlp")] == [0, 0, 1, 1]
+    assert arch.write_index("embed") == -1
+    assert [name for name, _ in arch.residual_points()] == ["resid_pre_0", "resid_post_0", "resid_post_1"]
+    assert not arch.has("resid_mid")
+    assert_hooks_exist(arch, bridge)
+
+
+def test_arch_of_hf_gptj_shared_prenorm():
+    bridge = hf_bridge("gptj")[1]
+    arch = Arch.of(bridge)
+    assert arch.parallel and arch.has_mlp and not arch.has("ln2_in") and arch.has("ln1_in")
+    assert layer_horizon.unsupported(arch) is None and cleanup.unsupported(arch) is None
+    assert_hooks_exist(arch, bridge)
 
 
 def test_hook_names_and_sublayer_order():
@@ -150,6 +162,8 @@ def test_hook_names_and_sublayer_order():
     assert [name for name, _ in arch.residual_points()] == [
         "resid_pre_0", "resid_mid_0", "resid_post_0", "resid_mid_1", "resid_post_1"]
     assert arch.sublayer_index("mlp", 1) == 3
+    assert [arch.write_index(kind, layer) for layer in (0, 1) for kind in ("attn", "mlp")] == [0, 1, 2, 3]
+    assert arch.hook("ln1_scale", 1) == "blocks.1.ln1.hook_scale" and arch.hook("pattern", 0) == "blocks.0.attn.hook_pattern"
 
     attn_only = Arch.from_model_config(ModelConfig(**SMALL, attn_only=True))
     assert [(s.kind, s.layer, s.index) for s in attn_only.sublayers] == [("attn", 0, 0), ("attn", 1, 1)]
@@ -188,6 +202,15 @@ BAD = [
     ("layer_horizon", dict(include_embedding="yes"), "include_embedding", "true or false"),
     ("layer_horizon", dict(unembed_reads_window=1), "unembed_reads_window", "true or false"),
     ("layer_horizon", dict(max_batch=0), "max_batch", ">= 1"),
+    ("layer_horizon", dict(unit="block"), "unit", "sublayer"),
+    ("layer_horizon", dict(ks=[3], unit="layer"), "ks", "1..2 (the model's number of layers)"),
+    ("layer_horizon", dict(ks=[4], unit="layer"), "ks", "1..2"),
+    ("layer_horizon", dict(max_memory="lots"), "max_memory", "memory size"),
+    ("layer_horizon", dict(max_memory="2 parsecs"), "max_memory", "units"),
+    ("layer_horizon", dict(max_memory=0), "max_memory", "positive"),
+    ("layer_horizon", dict(max_memory=True), "max_memory", "memory size"),
+    ("cleanup", dict(max_memory="-1GB"), "max_memory", "memory size"),
+    ("cleanup", dict(max_memory=[2]), "max_memory", "memory size"),
     ("activation_rates", dict(n_random=0), "n_random", ">= 1"),
     ("activation_rates", dict(n_random="abc"), "n_random", "integer"),
     ("activation_rates", dict(n_random=True), "n_random", "integer"),
@@ -229,6 +252,8 @@ def test_check_rejects_bad_values_naming_the_option(probe, values, field, messag
 
 GOOD = [
     ("layer_horizon", dict(ks=[1, 2, 4], mode="same_pass", tolerance=1, max_batch=8)),
+    ("layer_horizon", dict(ks=[1, 2], unit="layer", max_memory="512MiB")),
+    ("cleanup", dict(max_memory=3_000_000_000)),
     ("activation_rates", dict(n_random=1, seed=5)),
     ("residual_norms", dict(fit_layers=[0, 1], two_point=[0, 1], prompt_index=3)),
     ("weight_norms", dict(fold_ln=True)),
@@ -243,11 +268,15 @@ def test_check_accepts_good_values(probe, values):
 
 def test_checks_follow_the_architecture():
     """The same option is right on one architecture and wrong on another: ks against the number of
-    sublayers, writers against the nodes (no POS with rotary, no MLP nodes without MLPs)."""
+    sublayers (or layers, with unit=layer), writers against the nodes (no POS with rotary, no MLP nodes
+    without MLPs)."""
     attn_only = Arch.from_model_config(ModelConfig(n_layers=2, d_model=16, n_heads=2, n_ctx=8, attn_only=True))
     layer_horizon.Options(ks=[4]).check(ARCH)
     with pytest.raises(ConfigError, match="1..2"):
         layer_horizon.Options(ks=[4]).check(attn_only)
+    layer_horizon.Options(ks=[2], unit="layer").check(attn_only)
+    with pytest.raises(ConfigError, match="layers"):
+        layer_horizon.Options(ks=[3], unit="layer").check(ARCH)
     with pytest.raises(ConfigError, match="L0MLP"):
         cleanup.Options(writers=["L0MLP"]).check(attn_only)
     rotary = Arch.from_model_config(ModelConfig(n_layers=2, d_model=16, n_heads=2, n_ctx=8,
@@ -300,3 +329,38 @@ def test_options_accept_omegaconf_lists():
     structured = OmegaConf.structured(layer_horizon.Options)
     structured.ks = [1, 2]
     layer_horizon.Options(**OmegaConf.to_object(structured).__dict__).check(ARCH)
+
+
+def test_parse_bytes():
+    from residual_dynamics.probes.common import DEFAULT_MAX_MEMORY, memory_budget, parse_bytes
+
+    assert parse_bytes("2GB") == 2 * 10**9 and parse_bytes("1.5 GiB") == 3 * 2**29
+    assert parse_bytes("512mb") == 512 * 10**6 and parse_bytes("64KiB") == 2**16
+    assert parse_bytes(123456) == parse_bytes("123456") == parse_bytes("123456B") == 123456
+    assert memory_budget(None) == parse_bytes(DEFAULT_MAX_MEMORY) == 2 * 10**9
+    for bad in ("", "GB", "2XB", "1e9", "-2GB", 0, -1, float("inf"), None, False):
+        with pytest.raises(ConfigError, match="probes.max_memory"):
+            parse_bytes(bad, "probes.max_memory")
+
+
+def test_probes_max_memory_reaches_the_probes_that_take_it():
+    """``probes.max_memory`` is checked once, naming that field, and handed to every probe with a
+    ``max_memory`` option whose own value is null; a probe section's own value wins."""
+    from residual_dynamics.spec import ProbesConfig
+
+    config = ProbesConfig(max_memory="3GB")
+    enabled = config.validated(ARCH, None)
+    budgets = {name: getattr(options, "max_memory", "absent") for name, options in enabled.items()}
+    assert budgets["layer_horizon"] == budgets["cleanup"] == "3GB"
+    assert budgets["residual_norms"] == "absent"
+    config.cleanup.max_memory = "500MB"
+    assert config.enabled()["cleanup"].max_memory == "500MB"
+    assert config.enabled()["layer_horizon"].max_memory == "3GB"
+    with pytest.raises(ConfigError) as error:
+        ProbesConfig(max_memory="a lot").validated(ARCH, None)
+    assert error.value.field == "probes.max_memory"
+    with pytest.raises(ConfigError) as error:
+        bad = ProbesConfig()
+        bad.layer_horizon.max_memory = "nope"
+        bad.validated(ARCH, None)
+    assert error.value.field == "probes.layer_horizon.max_memory"

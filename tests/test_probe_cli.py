@@ -2,8 +2,9 @@
 
 * A tiny random GPT-2 (saved with ``save_pretrained``) with exactly the shape of ``model=tiny`` goes
   through ``model=local model.path=...`` offline: the W&B offline run (read back from its transaction
-  log), ``results.jsonl`` and the figures are checked, and its ``probe/...`` keys are compared with those
-  a real training run (``python -m residual_dynamics.train model=tiny ...``) logs at a checkpoint.
+  log), ``results.jsonl`` and the figures are checked, and its W&B keys (``<probe family>/...`` scalars at
+  the default ``logger.detail=layer``, and one table per family holding the other records) are compared
+  with those a real training run (``python -m residual_dynamics.train model=tiny ...``) logs at a checkpoint.
 * ``x_axis_step``: the W&B x-axis of a ``model.revision=step<N>`` checkpoint (no model load).
 * Bad configs fail before anything is loaded, naming the field.
 * ``@pytest.mark.smollm2``: the real SmolLM2-135M-Instruct through ``model=smollm2_offline``.
@@ -33,7 +34,7 @@ import wandb_offline
 from residual_dynamics.pretrained.cli import x_axis_step
 from residual_dynamics.probes.common import Record
 from residual_dynamics.pretrained.prompts import load_prompts
-from residual_dynamics.reporting.results import metric_key
+from residual_dynamics.reporting.results import metric_key, parse_metric_key
 from test_pretrained import make_tokenizer, smollm2_dir  # noqa: F401  (smollm2_dir is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,18 +47,18 @@ PROBE_OPTIONS = ["probes.layer_horizon.ks=[1,2]"]
 # Cleanup metrics logged only for writers the probe finds "cleaned" on the data at hand (see
 # probes/cleanup.py): which of these keys exist depends on the weights and the batch, not on the
 # architecture, so key sets are compared without them (and checked for consistency on their own).
-CLEANED_ONLY = ("probe/cleanup/top_cleaner_pr", "probe/cleanup/cleaner_pr_sum", "probe/cleanup/dla_corr")
+CLEANED_ONLY = ("cleanup/top_cleaner_pr", "cleanup/cleaner_pr_sum", "cleanup/dla_corr")
 
 # Key families (keys without their /Lxx[Hyy] suffix) of a Llama-family model that differ from those of
 # our model=tiny (LayerNorm, GELU MLP, attention biases, learned positions), with the reason:
 LLAMA_ONLY_FAMILIES = {
-    "probe/W_gate", "probe/W_gate_folded",  # gated (SwiGLU) MLP: a gate matrix
-    "probe/mlp_gate_rate/tokens", "probe/mlp_gate_rate/random",  # hook_pre is the gate pre-activation
+    "W_gate", "W_gate_folded",  # gated (SwiGLU) MLP: a gate matrix
+    "mlp_gate_rate/tokens", "mlp_gate_rate/random",  # hook_pre is the gate pre-activation
 }
 TINY_ONLY_FAMILIES = {
-    "probe/b_O",  # Llama's attention has no output bias
-    "probe/cleanup/writer_score/pos",  # rotary positions: no positional-embedding node
-    "probe/mlp_act_rate/tokens", "probe/mlp_act_rate/random",  # named mlp_gate_rate on gated MLPs
+    "b_O",  # Llama's attention has no output bias
+    "cleanup/writer_score/pos",  # rotary positions: no positional-embedding node
+    "mlp_act_rate/tokens", "mlp_act_rate/random",  # named mlp_gate_rate on gated MLPs
 }
 
 
@@ -111,16 +112,34 @@ def run_cli(module: str, args: list[str], root: Path, timeout: float = 600, **en
 
 
 def probe_rows(history: list[dict]) -> list[dict]:
-    """History rows holding probe keys."""
-    return [row for row in history if any(key.startswith("probe/") for key in row)]
+    """History rows holding probe scalars."""
+    return [row for row in history if any(parse_metric_key(key) for key in row)]
 
 
 def probe_keys(row: dict) -> set[str]:
-    return {key for key in row if key.startswith("probe/")}
+    """The probe scalar keys of a history row."""
+    return {key for key in row if parse_metric_key(key)}
+
+
+def wandb_records(wandb_run: Path, row: dict) -> dict[str, object]:
+    """{record key: value} of every record the W&B row holds, as a scalar or as a row of a family table."""
+    from test_wandb_keys import logged_tables
+
+    out = {key: row[key] for key in probe_keys(row)}
+    for table in logged_tables(wandb_run, row).values():
+        for r in table:
+            out.setdefault(metric_key(Record(r["name"], 0.0, r["layer"], r["head"])), r["value"])
+    return out
+
+
+def logged_sections(row: dict) -> set[str]:
+    """Probe scalar keys and media keys (tables) of a row, figures left out (they differ by run kind)."""
+    media = {key[:-len("/_type")] for key in row if key.endswith("/_type")}
+    return probe_keys(row) | {key for key in media if not key.startswith("probe_figures/")}
 
 
 def family(key: str) -> str:
-    """``probe/W_OV/L29H08`` -> ``probe/W_OV``; ``probe/cleanup/writer_score/mlp/L01`` -> ``.../mlp``."""
+    """``W_OV/L29H08`` -> ``W_OV``; ``cleanup/writer_score/mlp/L01`` -> ``cleanup/writer_score/mlp``."""
     return re.sub(r"/(L\d+(H\d+)?|H\d+)$", "", key)
 
 
@@ -132,21 +151,21 @@ def split_cleaned_only(keys: set[str]) -> tuple[set[str], dict[str, set[str]]]:
     return fixed, nodes
 
 
-def check_cleaned_only_keys(row: dict) -> None:
-    """The cleaned-only cleanup keys name exactly ``n_cleaned`` writers, the same ones for each metric,
-    and only nodes that have a writer_score."""
-    _, nodes = split_cleaned_only(probe_keys(row))
+def check_cleaned_only_keys(keys: set[str], row: dict) -> None:
+    """The cleaned-only cleanup records (``keys``: record keys of the W&B row) name exactly ``n_cleaned``
+    writers, the same ones for each metric, and only nodes that have a writer_score."""
+    _, nodes = split_cleaned_only(keys)
     first = nodes[CLEANED_ONLY[0]]
     assert all(found == first for found in nodes.values()), nodes
-    assert len(first) == row["probe/cleanup/n_cleaned"], (first, row["probe/cleanup/n_cleaned"])
-    writers = {key[len("probe/cleanup/writer_score"):] for key in row if key.startswith("probe/cleanup/writer_score")}
+    assert len(first) == row["cleanup/n_cleaned"], (first, row["cleanup/n_cleaned"])
+    writers = {key[len("cleanup/writer_score"):] for key in keys if key.startswith("cleanup/writer_score")}
     assert first <= writers, first - writers
 
 
-def same(a: float, b) -> bool:
-    """Equal floats, NaN equal to NaN (results.jsonl stores a non-finite value as null)."""
-    if b is None:
-        return not math.isfinite(a)
+def same(a, b) -> bool:
+    """Equal floats, NaN equal to NaN (results.jsonl and W&B tables store a non-finite value as null)."""
+    if a is None or b is None:
+        return (a is None or not math.isfinite(a)) and (b is None or not math.isfinite(b))
     return a == pytest.approx(b, rel=1e-6, abs=1e-9)
 
 
@@ -234,23 +253,28 @@ def test_cli_logs_a_pretrained_wandb_run_results_and_figures(tiny_probe_run):
     [row] = probe_rows(wandb_offline.history(wandb_run))
     assert row[STEP_KEY] == 0
     keys = probe_keys(row)
-    for key in ("probe/resid_norm/resid_post/L01", "probe/growth_rate", "probe/W_OV/L01H03", "probe/b_O/L00",
-                "probe/mlp_act_rate/tokens/L01", "probe/mlp_out_norm/random/L00", "probe/horizon/k_eff",
-                "probe/horizon/loss_increase/k02", "probe/cleanup/n_cleaned", "probe/cleanup/writer_score/L00H00"):
-        assert key in keys, f"{key} not logged; have {sorted(keys)[:40]}"
-    assert row["probe/resid_norm/resid_post/L01"] > 0
+    held = wandb_records(wandb_run, row)  # scalars and table rows
+    for key in ("resid_norm/resid_post/L01", "growth_rate", "horizon/k_eff", "horizon/loss_increase/k02",
+                "cleanup/n_cleaned"):
+        assert key in keys, f"{key} not a scalar; have {sorted(keys)[:40]}"
+    for key in ("W_OV/L01H03", "b_O/L00", "mlp_act_rate/tokens/L01", "mlp_out_norm/random/L00",
+                "cleanup/writer_score/L00H00"):
+        assert key not in keys and key in held, f"{key} not in a W&B table"
+    # logger.detail=layer: the only per-layer scalars are the residual norms after each layer
+    assert {parse_metric_key(key)[1] for key in keys if parse_metric_key(key)[2] is not None} == {"resid_norm/resid_post"}
+    assert row["resid_norm/resid_post/L01"] > 0
     assert row.get("probe_figures/norm_vs_layer/_type") == "image-file"
-    assert row.get("probe_tables/resid_norm_vs_layer/_type") == "table-file"
+    assert row.get("resid_norm/vs_layer_table/_type") == "table-file"
 
     # results.jsonl holds the same numbers under the same keys, at step 0, with the run's metadata
     results = [json.loads(line) for line in (run.run_dir / "results.jsonl").read_text().splitlines()]
     assert {r["step"] for r in results} == {0} and {r["model"] for r in results} == {TINY_NAME}
     assert {r["probe"] for r in results} == {"residual_norms", "weight_norms", "activation_rates",
-                                             "layer_horizon", "cleanup"}
+                                             "layer_horizon", "cleanup", "sublayer_ablation", "logit_lens"}
     by_key = {metric_key(Record(r["name"], 0.0, r["layer"], r["head"])): r["value"] for r in results}
     assert len(by_key) == len(results), "a key appears twice in results.jsonl"
-    assert by_key.keys() == keys
-    mismatched = {key: (row[key], by_key[key]) for key in keys if not same(row[key], by_key[key])}
+    assert by_key.keys() == held.keys()  # the W&B run holds every record, as a scalar or a table row
+    mismatched = {key: (held[key], by_key[key]) for key in held if not same(held[key], by_key[key])}
     assert not mismatched, dict(list(mismatched.items())[:10])
 
     # the figures of a pretrained run (no layer x step heatmap: there is one step)
@@ -260,9 +284,22 @@ def test_cli_logs_a_pretrained_wandb_run_results_and_figures(tiny_probe_run):
         assert (run.run_dir / "figures" / name).stat().st_size > 1000
         assert str(run.run_dir / "figures" / name) in run.proc.stdout
 
+    # provenance and per-probe wall time: fields of every row, lines of the summary, W&B history keys
+    assert len({r["weights_sha256"] for r in results}) == 1 and len(results[0]["weights_sha256"]) == 64
+    assert all(r["probe_seconds"] > 0 for r in results)
+    fused = {r["probe_seconds"] for r in results if r["probe"] in ("residual_norms", "activation_rates")}
+    assert len(fused) == 1  # one shared forward, one time
+    assert "probe time" in run.proc.stdout and "(one shared forward)" in run.proc.stdout
+    for probe in ("weight_norms", "layer_horizon", "cleanup"):
+        assert re.search(rf"^ +{probe} +[0-9.]+ s$", run.proc.stdout, re.M), probe
+    timing = [r for r in wandb_offline.history(wandb_run) if "probe_seconds/cleanup" in r]
+    assert len(timing) == 1 and timing[0][STEP_KEY] == 0
+    assert "probes" in run.proc.stderr  # the progress bar's final state (not a terminal: drawn once)
+
 
 def test_cli_logs_the_keys_of_a_training_checkpoint(tiny_probe_run, train_run):
-    """Same shape as model=tiny, hence the same probe/... keys as a training run logs at a checkpoint.
+    """Same shape as model=tiny, hence the same W&B keys (scalars and family tables) and the same records
+    in them as a training run logs at a checkpoint, so a pretrained point overlays the training curves.
 
     GPT-2 and our model differ in no way the probes see: both have LayerNorm gains and biases,
     attention biases (b_O), a 4 * d_model GELU MLP and learned positions. Only the cleanup metrics of
@@ -273,14 +310,56 @@ def test_cli_logs_the_keys_of_a_training_checkpoint(tiny_probe_run, train_run):
     info = wandb_offline.run_info(train_run.wandb_run())
     assert info["job_type"] == "train" and info["config"]["model"]["d_model"] == 64
 
-    probe_fixed, _ = split_cleaned_only(probe_keys(probe_row))
-    train_fixed, _ = split_cleaned_only(probe_keys(train_row))
+    # the logged keys themselves: probe scalars and one table per family (figures differ by run kind)
+    assert logged_sections(probe_row) == logged_sections(train_row), (
+        f"only in the probe CLI: {sorted(logged_sections(probe_row) - logged_sections(train_row))}; "
+        f"only in training: {sorted(logged_sections(train_row) - logged_sections(probe_row))}")
+    assert len(probe_keys(probe_row)) > 10
+    # ... and the records they hold (the table rows included)
+    probe_held = wandb_records(tiny_probe_run.wandb_run(), probe_row).keys()
+    train_held = wandb_records(train_run.wandb_run(), train_row).keys()
+    probe_fixed, _ = split_cleaned_only(set(probe_held))
+    train_fixed, _ = split_cleaned_only(set(train_held))
     assert probe_fixed == train_fixed, (
         f"only in the probe CLI: {sorted(probe_fixed - train_fixed)}; "
         f"only in training: {sorted(train_fixed - probe_fixed)}")
     assert len(probe_fixed) > 100
-    for row in (probe_row, train_row):
-        check_cleaned_only_keys(row)
+    for held, row in ((probe_held, probe_row), (train_held, train_row)):
+        check_cleaned_only_keys(set(held), row)
+
+
+# --------------------------------------------------------------------------- progress and timing
+
+
+def test_probe_progress_times_stages_and_draws_chunk_bars():
+    import io
+
+    from rich.console import Console
+
+    from residual_dynamics.reporting.progress import ProbeProgress, chunk_progress
+
+    seen = []
+    chunk_progress(1, 2)  # nobody listens: a no-op
+    screen = io.StringIO()
+    with ProbeProgress(["norms", "cleanup", "failing"], console=Console(file=screen, force_terminal=True, width=100)) as bars:
+        with bars.stage("norms"):
+            sum(range(10000))
+        with bars.stage("cleanup"):
+            for done in range(1, 4):
+                chunk_progress(done, 3)
+                seen.append(bars._progress.tasks[1].completed)
+        with pytest.raises(RuntimeError), bars.stage("failing"):
+            raise RuntimeError("a probe failed")
+    assert seen == [1, 2, 3]  # every chunk reached the chunk bar
+    assert set(bars.seconds) == {"norms", "cleanup", "failing"} and all(t >= 0 for t in bars.seconds.values())
+    drawn = screen.getvalue()
+    assert "cleanup chunks" in drawn and "3/3" in drawn and "probes" in drawn
+    chunk_progress(3, 3)  # the hook is gone after the stage (also after one that raised)
+
+    quiet = ProbeProgress(["a"], enabled=False)
+    with quiet, quiet.stage("a"):
+        chunk_progress(1, 1)
+    assert set(quiet.seconds) == {"a"}
 
 
 # --------------------------------------------------------------------------- the x-axis step
@@ -346,17 +425,17 @@ def test_smollm2_through_the_cli(smollm2_dir, train_run, tmp_path):  # noqa: F81
 
     [row] = probe_rows(wandb_offline.history(wandb_run))
     assert row[STEP_KEY] == 0
-    keys = probe_keys(row)
-    for key in ("probe/resid_norm/resid_post/L29", "probe/W_OV/L29H08", "probe/mlp_gate_rate/tokens/L00",
-                "probe/mlp_gate_rate/random/L29", "probe/W_gate/L29", "probe/horizon/k_eff",
-                "probe/cleanup/writer_score/mlp/L29"):
+    keys = set(wandb_records(wandb_run, row))  # scalars and table rows
+    for key in ("resid_norm/resid_post/L29", "W_OV/L29H08", "mlp_gate_rate/tokens/L00",
+                "mlp_gate_rate/random/L29", "W_gate/L29", "horizon/k_eff", "cleanup/writer_score/mlp/L29"):
         assert key in keys, f"{key} not logged"
-    assert {f"probe/resid_norm/resid_post/L{layer:02d}" for layer in range(30)} <= keys
-    assert not any(key.startswith("probe/mlp_act_rate") for key in keys)
-    assert row["probe/resid_norm/resid_post/L29"] > row["probe/resid_norm/resid_post/L00"] > 0
-    check_cleaned_only_keys(row)
+    assert {f"resid_norm/resid_post/L{layer:02d}" for layer in range(30)} <= probe_keys(row)
+    assert not any(key.startswith("mlp_act_rate") for key in keys)
+    assert row["resid_norm/resid_post/L29"] > row["resid_norm/resid_post/L00"] > 0
+    check_cleaned_only_keys(keys, row)
 
     smol = {family(key) for key in split_cleaned_only(keys)[0]}
-    trained = {family(key) for key in split_cleaned_only(probe_keys(checkpoint_row(train_run)))[0]}
+    train_row = checkpoint_row(train_run)
+    trained = {family(key) for key in split_cleaned_only(set(wandb_records(train_run.wandb_run(), train_row)))[0]}
     assert smol - trained == LLAMA_ONLY_FAMILIES
     assert trained - smol == TINY_ONLY_FAMILIES

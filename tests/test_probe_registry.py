@@ -22,7 +22,9 @@ from residual_dynamics.errors import ConfigError
 from residual_dynamics.probes import activation_rates as activation_rates_mod
 from residual_dynamics.probes import cleanup as cleanup_mod
 from residual_dynamics.probes import layer_horizon as layer_horizon_mod
+from residual_dynamics.probes import logit_lens as logit_lens_mod
 from residual_dynamics.probes import residual_norms as residual_norms_mod
+from residual_dynamics.probes import sublayer_ablation as sublayer_ablation_mod
 from residual_dynamics.probes import weight_norms as weight_norms_mod
 from residual_dynamics.probes.activation_rates import activation_rates, activation_rates_pass
 from residual_dynamics.probes.arch import Arch
@@ -274,12 +276,14 @@ def test_passes_without_hooks_and_unsupported_probes_run_no_forward():
 
 
 MODULES = {"residual_norms": residual_norms_mod, "weight_norms": weight_norms_mod,
-           "activation_rates": activation_rates_mod, "layer_horizon": layer_horizon_mod, "cleanup": cleanup_mod}
+           "activation_rates": activation_rates_mod, "layer_horizon": layer_horizon_mod, "cleanup": cleanup_mod,
+           "sublayer_ablation": sublayer_ablation_mod, "logit_lens": logit_lens_mod}
 NOT_OPTIONS = {"bridge", "tokens", "attention_mask", "arch"}
 
 
 def test_the_table_lists_every_probe_with_its_own_pieces():
-    assert PROBE_NAMES == ("residual_norms", "weight_norms", "activation_rates", "layer_horizon", "cleanup")
+    assert PROBE_NAMES == ("residual_norms", "weight_norms", "activation_rates", "layer_horizon", "cleanup",
+                           "sublayer_ablation", "logit_lens")
     assert tuple(PROBES) == PROBE_NAMES
     for name, spec in PROBES.items():
         module = MODULES[name]

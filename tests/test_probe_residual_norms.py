@@ -184,3 +184,67 @@ def test_huggingface_bridge_matches_hidden_states(kind):
         rtol=1e-5,
         atol=0,
     )
+
+
+# --- the mean-centred stream (centered=True) -------------------------------------------------------------
+
+
+def centred_l2(vector: torch.Tensor) -> float:
+    values = vector.tolist()
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values))
+
+
+@pytest.mark.parametrize("variant", ["ln_gelu", "rms_gated_gqa", "no_norm_relu", "ln_attn_only"])
+def test_centered_norms_match_float64_brute_force(variant):
+    bridge = make_bridge(n_layers=4, **VARIANTS[variant])
+    tokens = random_tokens(3, 8)
+    mask = right_padding_mask([8, 5, 7], 8)
+    result = residual_norms(bridge, tokens, attention_mask=mask, centered=True)
+    acts = Reference(bridge).activations(tokens, mask)
+    positions = real_positions(tokens, mask)
+    centred = result.centered
+    assert set(centred.norms) == set(result.norms)
+    for kind, per_layer in centred.norms.items():
+        expected = [sum(centred_l2(acts[kind][layer][b][p]) for b, p in positions) / len(positions)
+                    for layer in range(4)]
+        torch.testing.assert_close(per_layer, torch.tensor(expected, dtype=torch.float32), rtol=2e-5, atol=1e-6)
+    post = [sum(centred_l2(acts["resid_post"][layer][b][p]) for b, p in positions) / len(positions)
+            for layer in range(4)]
+    slope, slope_se = lstsq_log_fit(post)
+    assert centred.log_slope.item() == pytest.approx(slope, rel=1e-4, abs=1e-6)
+    assert centred.log_slope_se.item() == pytest.approx(slope_se, rel=1e-3, abs=1e-6)
+    assert centred.growth_rate.item() == pytest.approx(math.exp(slope), rel=1e-5)
+    assert centred.two_point.item() == pytest.approx((post[3] / post[0]) ** (1 / 3), rel=1e-5)
+    # the raw numbers are unchanged by the option, and differ from the centred ones
+    raw = residual_norms(bridge, tokens, attention_mask=mask)
+    assert raw.centered is None
+    torch.testing.assert_close(result.norms["resid_post"], raw.norms["resid_post"])
+    assert not torch.allclose(centred.norms["resid_post"], raw.norms["resid_post"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("variant", ["ln_gelu", "lnpre_mqa"])
+def test_centered_norms_are_the_norms_of_transformer_lens_centred_model(variant):
+    """TransformerLens' processing (center_writing_weights) makes the stream itself mean-centred: the raw
+    norms of the processed model equal the centred norms of the unprocessed one."""
+    tokens = random_tokens(3, 8)
+    mask = right_padding_mask([8, 5, 7], 8)
+    raw = make_bridge(**VARIANTS[variant])
+    processed = make_bridge(**VARIANTS[variant])
+    processed.process_weights(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
+    centred = residual_norms(raw, tokens, attention_mask=mask, centered=True).centered
+    of_processed = residual_norms(processed, tokens, attention_mask=mask)
+    for kind, per_layer in of_processed.norms.items():
+        torch.testing.assert_close(centred.norms[kind], per_layer, rtol=1e-4, atol=1e-5, msg=kind)
+
+
+def test_centered_records_use_their_own_keys():
+    bridge = make_bridge()
+    tokens = random_tokens(2, 6)
+    raw_names = {r.name for r in residual_norms(bridge, tokens).records()}
+    names = {r.name for r in residual_norms(bridge, tokens, centered=True).records()}
+    assert not any("centered" in name for name in raw_names)
+    assert names - raw_names == {f"resid_norm_centered/{k}" for k in ("resid_pre", "resid_mid", "resid_post",
+                                                                      "attn_out", "mlp_out")} | {
+        "growth_rate_centered", "growth_rate_centered/log_slope", "growth_rate_centered/log_slope_se",
+        "growth_rate_centered/two_point"}

@@ -206,3 +206,88 @@ def test_huggingface_llama_gqa_gated():
         assert result.W_gate_folded[layer].item() == pytest.approx(frobenius(scaled_rows(gate, ln2)), rel=1e-5)
         assert result.W_in[layer].item() == pytest.approx(frobenius(state[f"{p}.mlp.up_proj.weight"]), rel=1e-5)
         assert result.ln2_gain[layer].item() == pytest.approx(frobenius(ln2), rel=1e-5)
+
+
+# --- TransformerLens weight processing (tl_process) ------------------------------------------------------
+
+TLPROC = ("W_OV", "W_Q", "W_K", "W_V", "W_O", "b_O", "W_in", "W_out", "W_gate")
+
+
+def processed_brute_force(processed) -> dict[str, torch.Tensor]:
+    """Norms of the weights TransformerLens' own ``process_weights`` produced, head by head, in float64."""
+    cfg = processed.cfg
+    n_heads, n_kv = cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads
+    W_Q, W_K, W_V, W_O = (w.detach().double() for w in (processed.W_Q, processed.W_K, processed.W_V, processed.W_O))
+    out: dict[str, list] = {name: [] for name in TLPROC}
+    for layer in range(cfg.n_layers):
+        out["W_OV"].append([frobenius(W_V[layer, h // (n_heads // n_kv)] @ W_O[layer, h]) for h in range(n_heads)])
+        out["W_Q"].append([frobenius(W_Q[layer, h]) for h in range(n_heads)])
+        out["W_O"].append([frobenius(W_O[layer, h]) for h in range(n_heads)])
+        out["W_K"].append([frobenius(W_K[layer, g]) for g in range(n_kv)])
+        out["W_V"].append([frobenius(W_V[layer, g]) for g in range(n_kv)])
+        try:
+            out["b_O"].append(frobenius(processed.blocks[layer].attn.b_O.detach().double()))
+        except AttributeError:
+            pass
+        if not cfg.attn_only:
+            out["W_in"].append(frobenius(processed.blocks[layer].mlp.W_in.detach().double()))
+            out["W_out"].append(frobenius(processed.blocks[layer].mlp.W_out.detach().double()))
+            if cfg.gated_mlp:
+                out["W_gate"].append(frobenius(processed.blocks[layer].mlp.W_gate.detach().double()))
+    return {name: torch.tensor(values, dtype=torch.float64) for name, values in out.items() if values}
+
+
+def check_against_tl(raw, processed):
+    result = weight_norms(raw, fold_ln=True, tl_process=True)
+    expected = processed_brute_force(processed)
+    for name in TLPROC:
+        got = getattr(result, f"{name}_tlproc")
+        if name not in expected:
+            assert got is None, name
+            continue
+        torch.testing.assert_close(got.double(), expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    return result
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_tl_processing_matches_transformer_lens_process_weights(variant):
+    """``*_tlproc`` from the raw weights == the norms of TransformerLens' own processed weights (a fresh
+    copy of the same model run through ``TransformerBridge.process_weights``: fold_ln,
+    center_writing_weights, center_unembed, fold_value_biases)."""
+    raw = make_bridge(**VARIANTS[variant])
+    processed = make_bridge(**VARIANTS[variant])
+    processed.process_weights(fold_ln=True, center_writing_weights=True, center_unembed=True,
+                              fold_value_biases=True)
+    result = check_against_tl(raw, processed)
+    if bridge_norm(raw) in ("LN", "LNPre"):  # centring changed something: the keys must not coincide
+        assert not torch.allclose(result.W_OV_tlproc, result.W_OV_folded, rtol=1e-3)
+        assert not torch.allclose(result.W_O_tlproc, result.W_O, rtol=1e-3)
+
+
+def bridge_norm(bridge):
+    return bridge.cfg.normalization_type
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_tl_processing_on_huggingface_models(kind):
+    """A random HF GPT-2 (LayerNorm: gains folded and everything centred) and Llama (RMSNorm, GQA, gated,
+    bias-free: gains folded, nothing centred)."""
+    _, raw, _ = hf_bridge(kind)
+    _, processed, _ = hf_bridge(kind)
+    processed.enable_compatibility_mode(disable_warnings=True)  # HookedTransformer's processing
+    result = check_against_tl(raw, processed)
+    assert (result.b_O_tlproc is None) == (kind == "llama")
+    if kind == "llama":  # RMS: nothing is centred, so the tlproc reading norms are the folded ones
+        torch.testing.assert_close(result.W_OV_tlproc, result.W_OV_folded, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(result.W_O_tlproc, result.W_O)
+
+
+def test_tl_process_keys_are_labelled_and_off_by_default():
+    bridge = make_bridge()
+    assert weight_norms(bridge).W_OV_tlproc is None
+    assert not any(r.name.endswith("_tlproc") for r in weight_norms(bridge, fold_ln=True).records())
+    names = {r.name for r in weight_norms(bridge, tl_process=True).records()}
+    assert {f"{name}_tlproc" for name in ("W_OV", "W_Q", "W_K", "W_V", "W_O", "b_O", "W_in", "W_out")} <= names
+    assert not any(name.endswith("_folded") for name in names)
+    keys = {(r.name, r.layer, r.head) for r in weight_norms(bridge, tl_process=True).records()}
+    assert ("W_OV_tlproc", 1, 2) in keys and ("W_OV_tlproc", 1, None) not in keys

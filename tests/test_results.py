@@ -9,7 +9,7 @@ from residual_dynamics.errors import ConfigError
 
 from residual_dynamics.training.callbacks import ProbeSchedule
 from residual_dynamics.probes.common import Record, position_mask
-from residual_dynamics.reporting.results import ResultsFile, metric_key, rows, scalars
+from residual_dynamics.reporting.results import ResultsFile, metric_key, parse_metric_key, rows, scalars
 from residual_dynamics.reporting.logger import resolve_wandb_mode
 
 
@@ -22,10 +22,27 @@ class Fake:
 
 
 def test_metric_keys():
-    assert metric_key(Record("resid_norm/resid_post", 1.0, layer=3)) == "probe/resid_norm/resid_post/L03"
-    assert metric_key(Record("W_OV", 1.0, layer=2, head=5)) == "probe/W_OV/L02H05"
-    assert metric_key(Record("growth_rate", 1.0)) == "probe/growth_rate"
-    assert metric_key(Record("horizon/k_eff", 1.0)) == "probe/horizon/k_eff"
+    """The probe family first (one W&B section each), then the layer/head suffix; parsed back to the record."""
+    cases = {
+        Record("resid_norm/resid_post", 1.0, layer=3): "resid_norm/resid_post/L03",
+        Record("W_OV", 1.0, layer=2, head=5): "W_OV/L02H05",
+        Record("W_OV_folded", 1.0, layer=12, head=24): "W_OV_folded/L12H24",
+        Record("growth_rate", 1.0): "growth_rate",
+        Record("horizon/k_eff", 1.0): "horizon/k_eff",
+        Record("horizon/loss_increase/k02", 1.0): "horizon/loss_increase/k02",
+        Record("cleanup/writer_score/mlp", 1.0, layer=1): "cleanup/writer_score/mlp/L01",
+        Record("cleanup/writer_score/embed", 1.0): "cleanup/writer_score/embed",
+        Record("mlp_act_rate/tokens", 1.0, layer=0): "mlp_act_rate/tokens/L00",
+    }
+    probes = {"resid_norm": "residual_norms", "W_OV": "weight_norms", "W_OV_folded": "weight_norms",
+              "growth_rate": "residual_norms", "horizon": "layer_horizon", "cleanup": "cleanup",
+              "mlp_act_rate": "activation_rates"}
+    for record, key in cases.items():
+        assert metric_key(record) == key
+        assert parse_metric_key(key) == (probes[key.split("/")[0]], record.name, record.layer, record.head)
+    for key in ("train/loss", "trainer/global_step", "probe_figures/norm_vs_layer", "W_OV/vs_layer_table",
+                "probe/growth_rate"):
+        assert parse_metric_key(key) is None, key
 
 
 def test_rows_and_scalars_agree():
@@ -35,8 +52,9 @@ def test_rows_and_scalars_agree():
         {"step": 7, "probe": "a", "name": "x", "layer": 1, "head": None, "value": 2.0, "run": "r"},
         {"step": 7, "probe": "a", "name": "y", "layer": None, "head": None, "value": None, "run": "r"},
     ]
-    s = scalars(results)
-    assert s["probe/x/L01"] == 2.0 and math.isnan(s["probe/y"])
+    s = scalars(results, "head")
+    assert s["x/L01"] == 2.0 and math.isnan(s["y"])
+    assert scalars(results, "layer") == scalars(results, "summary") and set(scalars(results, "layer")) == {"y"}
 
 
 def test_results_file_survives_a_torn_line_and_truncates_on_resume(tmp_path):

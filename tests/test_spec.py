@@ -165,7 +165,8 @@ def test_spec_holds_typed_parts_and_the_enabled_probe_options(tmp_path, monkeypa
     spec = parse(["model=tiny", "probes.layer_horizon.ks=[1,3]", "probes.cleanup.enabled=false"], tmp_path)
     assert isinstance(spec.model, ModelConfig) and spec.model.n_layers == 2 and spec.model.name == "tiny"
     assert isinstance(spec.optim, OptimConfig) and isinstance(spec.data, DataSettings)
-    assert list(spec.probes) == ["residual_norms", "weight_norms", "activation_rates", "layer_horizon"]
+    assert list(spec.probes) == ["residual_norms", "weight_norms", "activation_rates", "layer_horizon",
+                                 "sublayer_ablation", "logit_lens"]
     for name, options in spec.probes.items():
         assert type(options) is PROBES[name].Options
     assert list(spec.probes["layer_horizon"].ks) == [1, 3]

@@ -76,28 +76,30 @@ def test_train_end_to_end_logs_probes_to_wandb(tmp_path, data_cache):
 
     history = wandb_offline.history(wandb_run)
     assert any("train/loss" in row for row in history) and any("val/loss" in row for row in history)
-    probe_steps = sorted(row["trainer/global_step"] for row in history if "probe/growth_rate" in row)
+    probe_steps = sorted(row["trainer/global_step"] for row in history if "growth_rate" in row)
     assert probe_steps == [0, 1, 2, 6, 12]
     # horizon and clean-up have early: false, so they run at the checkpoint cadence and the end only
-    assert sorted(row["trainer/global_step"] for row in history if "probe/horizon/k_eff" in row) == [6, 12]
-    last = [row for row in history if row.get("trainer/global_step") == 12 and "probe/growth_rate" in row][0]
-    for key in ["probe/resid_norm/resid_post/L00", "probe/resid_norm/resid_post/L01", "probe/W_OV/L01H03",
-                "probe/horizon/k_eff"]:
-        assert key in last, f"{key} not logged; have {sorted(k for k in last if k.startswith('probe/'))[:40]}"
-    assert last["probe/resid_norm/resid_post/L01"] > 0
-    assert any(k.startswith("probe/mlp_act_rate") for k in last)
-    assert any(k.startswith("probe/cleanup") for k in last)
-    # media are stored flattened: <key>/_type, <key>/path, ...
+    assert sorted(row["trainer/global_step"] for row in history if "horizon/k_eff" in row) == [6, 12]
+    last = [row for row in history if row.get("trainer/global_step") == 12 and "growth_rate" in row][0]
+    # logger.detail=layer (default): the probe family first; per-layer resid_post norms are scalars, per-head
+    # detail is not (it is in the W&B tables, and in results.jsonl)
+    for key in ["resid_norm/resid_post/L00", "resid_norm/resid_post/L01", "horizon/k_eff", "cleanup/n_cleaned"]:
+        assert key in last, f"{key} not logged; have {sorted(last)[:60]}"
+    assert last["resid_norm/resid_post/L01"] > 0
+    assert not any(k.startswith(("probe/", "W_OV/L", "mlp_act_rate/tokens/L")) for k in last)
+    # media are stored flattened: <key>/_type, <key>/path, ...; a table + line chart per family and step
     assert last.get("probe_figures/norm_vs_layer/_type") == "image-file"
     assert last.get("probe_figures/layer_step_heatmap/_type") == "image-file"
-    assert last.get("probe_tables/resid_norm_vs_layer/_type") == "table-file"
+    for family in ("resid_norm", "W_OV", "mlp_act_rate", "cleanup"):
+        assert last.get(f"{family}/vs_layer_table/_type") == "table-file", family
 
     rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert sorted({r["step"] for r in rows}) == [0, 1, 2, 6, 12]
     assert {r["probe"] for r in rows} == {"residual_norms", "weight_norms", "activation_rates", "layer_horizon",
-                                          "cleanup"}
+                                          "cleanup", "sublayer_ablation", "logit_lens"}
     by_key = {(r["step"], r["name"], r["layer"], r["head"]): r["value"] for r in rows}
-    assert by_key[(12, "resid_norm/resid_post", 1, None)] == pytest.approx(last["probe/resid_norm/resid_post/L01"])
+    assert by_key[(12, "resid_norm/resid_post", 1, None)] == pytest.approx(last["resid_norm/resid_post/L01"])
+    assert (12, "W_OV", 1, 3) in by_key  # the results file keeps every record
     for png in ("norm_vs_layer.png", "layer_step_heatmap.png"):
         assert (run_dir / "figures" / png).stat().st_size > 1000
 
@@ -116,7 +118,7 @@ def test_multirun_gives_one_wandb_run_per_job(tmp_path, data_cache):
 
 
 def _final_weights(run_dir: Path) -> dict:
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     return ckpt["global_step"], ckpt["state_dict"]
 
 

@@ -120,6 +120,11 @@ class DataSettings:
         if not self.path:
             raise ConfigError("data.path", "required for data=text_files: a directory of .txt or .jsonl files")
         root = Path(os.path.expanduser(str(self.path))).resolve()
+        if root.is_file():
+            raise ConfigError(
+                "data.path", f"{str(root)!r} is a file; data=text_files reads the .txt / .jsonl files below a "
+                f"directory: use data.path={str(root.parent)!r} data.pattern={root.name!r}"
+            )
         if not root.is_dir():
             raise ConfigError("data.path", f"directory {str(root)!r} does not exist")
         if not text_files(root, self.pattern):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from residual_dynamics.data.cache import atomic_write_bytes, stable_hash
+from residual_dynamics.data.cache import atomic_write_bytes, build_lock, remove_stale_temporaries, stable_hash
 from residual_dynamics.data.config import DataSettings, local_parquet_files, text_files
 from residual_dynamics.errors import DataError
 
@@ -46,11 +46,13 @@ class Corpus:
 
     ``identity`` is a JSON-serialisable description of the exact content (a checksum, or file names,
     sizes and modification times); its hash :attr:`key` keys the tokenizer and shard caches.
+    ``location`` says in config terms where the documents come from (``data.path=...``), for errors.
     """
 
     name: str
     identity: dict
     read: Callable[[], Iterable[str]]
+    location: str = ""
 
     @property
     def key(self) -> str:
@@ -124,17 +126,23 @@ def embedded_corpus(cache_dir: Path) -> Corpus:
     """The standard-library corpus, extracted once per Python install and cached as checksummed JSON."""
     install = {"python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"]}
     path = cache_dir / "corpus" / f"embedded-{stable_hash(install)}.json"
-    docs, checksum = _load_embedded(path)
+    docs, checksum = _load_embedded(path, quiet=True)
     if docs is None:
-        log.info("extracting the embedded corpus (standard-library docstrings) to %s", path)
-        docs = stdlib_documents()
-        checksum = _docs_checksum(docs)
-        atomic_write_bytes(path, json.dumps({"sha256": checksum, "documents": docs}).encode())
-    return Corpus("embedded", {"name": "embedded", "sha256": checksum}, lambda: iter(docs))
+        with build_lock(path):  # one process extracts, the others wait and read it
+            docs, checksum = _load_embedded(path)
+            if docs is None:
+                remove_stale_temporaries(path.parent, prefix=f".{path.name}.")
+                log.info("extracting the embedded corpus (standard-library docstrings) to %s", path)
+                docs = stdlib_documents()
+                checksum = _docs_checksum(docs)
+                atomic_write_bytes(path, json.dumps({"sha256": checksum, "documents": docs}).encode())
+    return Corpus("embedded", {"name": "embedded", "sha256": checksum}, lambda: iter(docs),
+                  location="data=embedded: the standard-library docstrings")
 
 
-def _load_embedded(path: Path) -> tuple[list[str] | None, str | None]:
-    """The cached documents and their checksum, or (None, None) when missing or corrupt (with a warning)."""
+def _load_embedded(path: Path, quiet: bool = False) -> tuple[list[str] | None, str | None]:
+    """The cached documents and their checksum, or (None, None) when missing or corrupt (with a warning
+    unless ``quiet``)."""
     if not path.exists():
         return None, None
     try:
@@ -144,7 +152,8 @@ def _load_embedded(path: Path) -> tuple[list[str] | None, str | None]:
             return docs, checksum
     except (ValueError, KeyError, TypeError):
         pass
-    log.warning("embedded corpus cache %s is corrupt; extracting it again", path)
+    if not quiet:
+        log.warning("embedded corpus cache %s is corrupt; extracting it again", path)
     return None, None
 
 
@@ -167,7 +176,7 @@ def text_files_corpus(root: Path, pattern: str, text_field: str) -> Corpus:
             else:
                 yield from _jsonl_texts(f, text_field)
 
-    return Corpus("text_files", identity, read)
+    return Corpus("text_files", identity, read, location=f"data.path={root} data.pattern={pattern}")
 
 
 def _read_utf8(path: Path) -> str:
@@ -203,7 +212,8 @@ def parquet_corpus(data_files: tuple[str, ...], text_field: str, max_documents: 
         "text_field": text_field,
         "max_documents": max_documents,
     }
-    return Corpus("openwebtext", identity, lambda: iter_parquet_documents(data_files, text_field, max_documents))
+    return Corpus("openwebtext", identity, lambda: iter_parquet_documents(data_files, text_field, max_documents),
+                  location=f"data.data_files={list(data_files)}")
 
 
 def iter_parquet_documents(data_files: Iterable[str], text_field: str, max_documents: int | None) -> Iterator[str]:

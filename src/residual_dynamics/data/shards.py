@@ -6,8 +6,14 @@ vocabulary fits (at most 65536 ids), else uint32 (``data.shard_dtype: auto``), o
 
 Layout: ``<cache_dir>/shards/<key>/{train.bin,val.bin,manifest.json}``, where ``key`` hashes the corpus
 identity, the tokenizer definition, the split and the dtype. Every file is written atomically and the
-manifest, written last, records each shard's token count, byte size and sha256. On load all of these
-are checked; a missing, truncated or corrupted shard (or manifest) is logged as a warning and rebuilt.
+manifest, written last, records each shard's token count, byte size and sha256, and the fingerprint of
+the tokenizer that made them (:func:`~residual_dynamics.data.tokenizer.tokenizer_fingerprint`, also
+stored in every checkpoint, so a resume with another tokenizer is refused). On load all of these are
+checked; a missing, truncated or corrupted shard (or manifest) is logged as a warning and rebuilt.
+
+Building an entry holds its :func:`~residual_dynamics.data.cache.build_lock`: of several processes that
+need the same shards (DDP ranks, sweep jobs on one cache) one builds them and the others wait and load
+them. The builder first removes the temporary files a killed build left there.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from typing import Iterable, Iterator, Optional, TypeVar
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
-from residual_dynamics.data.cache import AtomicFile, atomic_write_bytes, sha256_file, stable_hash
+from residual_dynamics.data.cache import (AtomicFile, atomic_write_bytes, build_lock, remove_stale_temporaries,
+                                          sha256_file, stable_hash)
 from residual_dynamics.data.config import UINT16_MAX_VOCAB
 from residual_dynamics.data.corpus import Corpus
 from residual_dynamics.data.tokenizer import document_encoder, tokenizer_fingerprint
@@ -30,7 +37,7 @@ from residual_dynamics.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest records the tokenizer fingerprint
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 _ENCODE_BATCH = 256
@@ -60,6 +67,7 @@ class TokenShards:
     eot_id: int
     n_tokens: dict[str, int]
     n_documents: dict[str, int]
+    tokenizer_fingerprint: str = ""
 
     def path(self, split: str) -> Path:
         return self.directory / f"{split}.bin"
@@ -75,19 +83,24 @@ def build_or_load_shards(
     """Load the cached shards for this corpus, tokenizer and split if they verify, else (re)build them."""
     vocab_size = len(tokenizer)
     dtype = resolve_shard_dtype(shard_dtype, vocab_size)
+    fingerprint = tokenizer_fingerprint(tokenizer)
     key = stable_hash(
         {
             "format": FORMAT_VERSION,
             "corpus": corpus.identity,
-            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "tokenizer": fingerprint,
             "val_period": val_period,
             "dtype": dtype.name,
         }
     )
     directory = Path(cache_dir) / "shards" / key
-    manifest = _load_manifest(directory, key)
+    manifest = _load_manifest(directory, key, fingerprint, quiet=True)
     if manifest is None:
-        manifest = _build(corpus, tokenizer, val_period, dtype, directory, key)
+        with build_lock(directory):  # another process may be building the same shards: wait for it
+            manifest = _load_manifest(directory, key, fingerprint)
+            if manifest is None:
+                remove_stale_temporaries(directory)
+                manifest = _build(corpus, tokenizer, val_period, dtype, directory, key)
     return TokenShards(
         directory=directory,
         dtype=np.dtype(manifest["dtype"]),
@@ -95,29 +108,35 @@ def build_or_load_shards(
         eot_id=manifest["eot_id"],
         n_tokens={s: manifest["splits"][s]["n_tokens"] for s in SPLITS},
         n_documents={s: manifest["splits"][s]["n_documents"] for s in SPLITS},
+        tokenizer_fingerprint=manifest["tokenizer_fingerprint"],
     )
 
 
-def _load_manifest(directory: Path, key: str) -> Optional[dict]:
-    """The manifest if it and every shard it lists verify; None (with a warning if anything was there) otherwise."""
+def _load_manifest(directory: Path, key: str, fingerprint: str, quiet: bool = False) -> Optional[dict]:
+    """The manifest if it and every shard it lists verify; None (with a warning if anything was there,
+    unless ``quiet``: the check is repeated under the build lock) otherwise."""
     path = directory / MANIFEST
     if not path.exists():
         return None
     try:
         manifest = json.loads(path.read_bytes())
-        problem = _manifest_problem(directory, manifest, key)
+        problem = _manifest_problem(directory, manifest, key, fingerprint)
     except (ValueError, KeyError, TypeError) as e:
         problem = f"unreadable manifest: {e!r}"
     if problem is None:
         return manifest
-    log.warning("token shard cache %s is invalid (%s); rebuilding it", directory, problem)
+    if not quiet:
+        log.warning("token shard cache %s is invalid (%s); rebuilding it", directory, problem)
     return None
 
 
-def _manifest_problem(directory: Path, manifest: dict, key: str) -> Optional[str]:
+def _manifest_problem(directory: Path, manifest: dict, key: str, fingerprint: str) -> Optional[str]:
     """Why the manifest or a shard it lists does not verify, or None. Raises KeyError etc. on a malformed manifest."""
     if manifest["format"] != FORMAT_VERSION or manifest["key"] != key:
         return "manifest belongs to another format or key"
+    if manifest["tokenizer_fingerprint"] != fingerprint:
+        return (f"made with tokenizer {manifest['tokenizer_fingerprint'][:16]}..., the tokenizer now is "
+                f"{fingerprint[:16]}...")
     itemsize = np.dtype(manifest["dtype"]).itemsize
     for split in SPLITS:
         entry = manifest["splits"][split]
@@ -159,8 +178,9 @@ def _build(
                 files[split].write(np.array(ids[split], dtype=dtype).tobytes())
         if min(n_documents.values()) == 0:
             raise DataError(
-                f"the {corpus.name} corpus has {sum(n_documents.values())} non-empty documents; a training and a "
-                f"held-out split need at least 2 (and one in {val_period} is held out, see data.val_fraction)"
+                f"the {corpus.name} corpus ({corpus.location or corpus.name}) has {sum(n_documents.values())} "
+                f"non-empty documents; a training and a held-out split need at least 2 (and one in {val_period} "
+                "is held out, see data.val_fraction)"
             )
         for f in files.values():
             f.commit()
@@ -168,6 +188,7 @@ def _build(
         "format": FORMAT_VERSION,
         "key": key,
         "corpus": corpus.identity,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "dtype": dtype.name,
         "vocab_size": len(tokenizer),
         "eot_id": eot,

@@ -23,7 +23,7 @@ import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from residual_dynamics.data.cache import stable_hash
+from residual_dynamics.data.cache import build_lock, remove_stale_temporaries, stable_hash
 from residual_dynamics.data.config import TokenizerSettings
 from residual_dynamics.data.corpus import Corpus
 from residual_dynamics.errors import ConfigError, DataError
@@ -67,7 +67,8 @@ def train_bpe(documents: Iterable[str], vocab_size: int) -> PreTrainedTokenizerF
 def cached_bpe_tokenizer(corpus: Corpus, val_period: int, vocab_size: int, cache_dir: Path) -> PreTrainedTokenizerFast:
     """:func:`train_bpe` on the training documents, saved once under ``cache_dir/tokenizers/bpe-<key>``.
 
-    A cache that fails to load is logged and trained again.
+    A cache that fails to load is logged and trained again. Training holds the entry's
+    :func:`~residual_dynamics.data.cache.build_lock`, so concurrent runs train it once.
     """
     key = stable_hash(
         {"corpus": corpus.key, "val_period": val_period, "vocab_size": vocab_size, "tokenizers": tokenizers.__version__}
@@ -76,9 +77,20 @@ def cached_bpe_tokenizer(corpus: Corpus, val_period: int, vocab_size: int, cache
     if final.exists():
         try:
             return _checked(PreTrainedTokenizerFast.from_pretrained(str(final)), str(final))
-        except (OSError, ValueError, ConfigError) as e:
-            log.warning("tokenizer cache %s is unusable (%s); training it again", final, e)
-            shutil.rmtree(final)
+        except (OSError, ValueError, ConfigError):
+            pass  # looked at again under the lock, where it is retrained
+    with build_lock(final):  # one process trains it, the others wait and load it
+        if final.exists():
+            try:
+                return _checked(PreTrainedTokenizerFast.from_pretrained(str(final)), str(final))
+            except (OSError, ValueError, ConfigError) as e:
+                log.warning("tokenizer cache %s is unusable (%s); training it again", final, e)
+                shutil.rmtree(final)
+        remove_stale_temporaries(final.parent, prefix=f".{final.name}.")
+        return _train_and_cache(corpus, val_period, vocab_size, final)
+
+
+def _train_and_cache(corpus: Corpus, val_period: int, vocab_size: int, final: Path) -> PreTrainedTokenizerFast:
     log.info("training a %d-token byte-level BPE on the %s corpus", vocab_size, corpus.name)
     tok = train_bpe(corpus.train_documents(val_period), vocab_size)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +124,10 @@ def _checked(tok: object, path: str) -> PreTrainedTokenizerFast:
 
 
 def tokenizer_fingerprint(tok: PreTrainedTokenizerFast) -> str:
-    """sha256 of the full tokenizer definition (vocabulary, merges, special tokens) and its eos id."""
+    """sha256 of the full tokenizer definition (vocabulary, merges, special tokens) and its eos id.
+
+    Stored in the shard manifest and in every training checkpoint (``hyper_parameters["data"]``); a
+    resume whose tokenizer has another fingerprint is refused, naming both."""
     blob = f"{tok.eos_token_id}\n{tok.backend_tokenizer.to_str()}".encode()
     return hashlib.sha256(blob).hexdigest()
 

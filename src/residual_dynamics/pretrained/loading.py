@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 #: Seconds the hub gets to answer the reachability check before it counts as unreachable.
 HUB_TIMEOUT_S = 3.0
 
-SPEC_FIELDS = ("name", "hub_name", "path", "gguf", "revision", "dtype", "device", "prepend_bos", "requires")
+SPEC_FIELDS = ("name", "hub_name", "path", "gguf", "revision", "dtype", "device", "prepend_bos", "requires",
+               "fit_layers")
 SPEC_DEFAULTS = {"dtype": "float32", "device": "auto", "prepend_bos": "auto"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -119,6 +120,9 @@ class PretrainedSpec:
     device:      auto (cuda if available, else cpu) or a torch device.
     prepend_bos: auto (follow the tokenizer), true or false.
     requires:    ``path`` or ``gguf``: that source is mandatory (conf/pretrained/local.yaml, gguf.yaml).
+    fit_layers:  inclusive layer range [a, b] of the residual-norm growth fit where a write-up gives one
+                 for this model (gpt2-xl: [5, 41]); the default of ``probes.residual_norms.fit_layers``
+                 when that is null. Not used for loading.
     """
 
     name: Optional[str] = None
@@ -130,6 +134,7 @@ class PretrainedSpec:
     device: str = "auto"
     prepend_bos: Any = "auto"  # auto | true | false (checked by validated())
     requires: Optional[str] = None  # path | gguf: that source must be given (model=local, model=gguf)
+    fit_layers: Optional[list[int]] = None  # [a, b]: default of probes.residual_norms.fit_layers
 
     def validated(self) -> "PretrainedSpec":
         """Check every field without loading anything (the source must exist); returns self."""
@@ -138,6 +143,9 @@ class PretrainedSpec:
         _parse_device(fields["device"])
         _parse_prepend_bos(fields["prepend_bos"])
         _pick_source(fields)
+        from residual_dynamics.probes.common import check_layer_pair
+
+        check_layer_pair(fields["fit_layers"], "model.fit_layers", None)  # the layer count is checked at load
         return self
 
 
@@ -171,6 +179,7 @@ def load_pretrained(
     source, location = _pick_source(fields)
 
     if source == "path":
+        _check_model_dir(location)  # before transformers sees it: a clear error instead of its traceback
         model_dir = location
     elif source == "gguf":
         model_dir = convert_gguf(location, gguf_cache_dir(location))
@@ -314,6 +323,11 @@ def _pick_source(fields: dict[str, Any]) -> tuple[str, Any]:
             raise ConfigError("model.gguf", f"file {location} does not exist")
         if location.suffix != ".gguf":
             raise ConfigError("model.gguf", f"{location} is not a .gguf file")
+        with open(location, "rb") as handle:
+            magic = handle.read(4)
+        if magic != GGUF_MAGIC:
+            raise ConfigError("model.gguf", f"{location} is not a GGUF file: it starts with {magic!r}, not the GGUF "
+                                            f"magic {GGUF_MAGIC!r} (a truncated download, or another format renamed)")
     elif fields["hub_name"] is not None:
         source, location = "hub", fields["hub_name"]
         if location.count("/") > 1 or location.startswith("/") or location.endswith("/"):
@@ -323,6 +337,27 @@ def _pick_source(fields: dict[str, Any]) -> tuple[str, Any]:
     if fields["revision"] is not None and source != "hub":
         log.warning("model.revision=%s is ignored: the model is loaded from model.%s", fields["revision"], source)
     return source, location
+
+
+GGUF_MAGIC = b"GGUF"
+# weight files AutoModelForCausalLM.from_pretrained looks for in a save_pretrained directory
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _check_model_dir(location: Path) -> None:
+    """``config.json`` must be a JSON object naming the model type, and the directory must hold weights."""
+    config_file = location / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ConfigError("model.path", f"{config_file} is not valid JSON ({error})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise ConfigError("model.path", f"{config_file} names no model_type (it holds "
+                                        f"{sorted(config)[:8] if isinstance(config, dict) else type(config).__name__}); "
+                                        "expected the config.json that save_pretrained writes")
+    if not any((location / name).is_file() for name in WEIGHT_FILES):
+        raise ConfigError("model.path", f"{location} holds no weights (none of {', '.join(WEIGHT_FILES)}); "
+                                        "expected a save_pretrained directory with its weights")
 
 
 def _default_name(source: str, location) -> str:
@@ -449,6 +484,9 @@ def convert_gguf(gguf_path: Union[str, Path], out_dir: Union[str, Path]) -> Path
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
     except ImportError as error:
         raise DataError(f"{gguf_path}: converting GGUF needs `pip install gguf accelerate` ({error})") from error
+    except (ValueError, KeyError, OSError) as error:  # a damaged file, or an architecture transformers lacks
+        raise DataError(f"{gguf_path}: transformers cannot read this GGUF file (model.gguf): "
+                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
     # The loaded model carries a GGUF "quantizer" that forbids save_pretrained; rebuild it as a plain
     # float32 model from the same config minus the quantization entry.
     config = copy.deepcopy(quantized.config)

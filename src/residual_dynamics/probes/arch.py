@@ -12,7 +12,10 @@ their ``Options.check``. It is the only place that:
   same input: GPT-NeoX / Pythia, GPT-J), the grouped-query layout and the sizes;
 * numbers the sublayers in forward order (:attr:`Arch.sublayers`): attn_0, mlp_0, attn_1, ...
   (attention-only models: attn_0, attn_1, ...), each with the hook that feeds its input, the hook of what
-  it writes to the residual stream, and the residual point right after it.
+  it writes to the residual stream, and the residual point right after it;
+* gives each sublayer its *write index* (:meth:`Arch.write_index`): the order in which outputs reach the
+  residual stream, with the two sublayers of a parallel block written at the same time, and the
+  residual points in that order (:meth:`Arch.residual_points`: no ``resid_mid`` in parallel blocks).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ LAYER_HOOKS = {
     "mlp_pre": "blocks.{layer}.mlp.hook_pre",
     "ln1_in": "blocks.{layer}.ln1.hook_in",
     "ln2_in": "blocks.{layer}.ln2.hook_in",
+    "ln1_scale": "blocks.{layer}.ln1.hook_scale",
+    "pattern": "blocks.{layer}.attn.hook_pattern",
 }
 # Hook kinds of the whole model (no layer).
 MODEL_HOOKS = {
@@ -67,7 +72,8 @@ class Sublayer:
     layer:       its block.
     index:       its position in forward order (attn_0 = 0, mlp_0 = 1, attn_1 = 2, ... with MLPs).
     input_hook:  replacing this tensor changes what the sublayer reads, not the residual stream
-                 (the input of its pre-norm, ``ln1`` / ``ln2``, or of the identity slot without norm).
+                 (the input of its pre-norm, ``ln1`` / ``ln2``, or of the identity slot without norm;
+                 ``ln1`` for the MLP of a parallel block with one shared pre-norm, GPT-J).
     output_hook: what the sublayer adds to the residual stream.
     resid_after: the residual point right after it writes (``resid_mid`` after attention in blocks with an
                  MLP, else ``resid_post``).
@@ -144,8 +150,8 @@ class Arch:
             kinds -= _MLP_KINDS
         if positional != "standard":
             kinds.discard("pos_embed")
-        if norm is None:
-            kinds.discard("ln_final_scale")  # the final "norm" is an identity slot without a scale
+        if norm is None:  # the norms are identity slots without a scale
+            kinds -= {"ln_final_scale", "ln1_scale"}
         return cls(
             n_layers=int(cfg.n_layers),
             d_model=int(cfg.d_model),
@@ -202,15 +208,18 @@ class Arch:
     @property
     def sublayers(self) -> tuple[Sublayer, ...]:
         """The sublayers in forward order: attn_0, mlp_0, attn_1, ... (attention-only: attns only).
-        Parallel blocks are listed in the same order, though their attention and MLP read the same input."""
+        Parallel blocks are listed in the same order, though their attention and MLP read the same input
+        and are written at the same time (see :meth:`write_index`)."""
         out = []
         for layer in range(self.n_layers or 0):
             after_attn = "resid_mid" if self.has_mlp and not self.parallel else "resid_post"
             out.append(Sublayer("attn", layer, len(out), hook_name("ln1_in", layer), hook_name("attn_out", layer),
                                 hook_name(after_attn, layer)))
             if self.has_mlp:
-                out.append(Sublayer("mlp", layer, len(out), hook_name("ln2_in", layer), hook_name("mlp_out", layer),
-                                    hook_name("resid_post", layer)))
+                # a parallel block with one shared pre-norm (GPT-J) feeds its MLP from ln1
+                shared = self.parallel and not self.has("ln2_in") and self.has("ln1_in")
+                out.append(Sublayer("mlp", layer, len(out), hook_name("ln1_in" if shared else "ln2_in", layer),
+                                    hook_name("mlp_out", layer), hook_name("resid_post", layer)))
         return tuple(out)
 
     @property
@@ -226,11 +235,27 @@ class Arch:
             return per_layer * layer + 1
         raise ValueError(f"no sublayer {kind!r} in layer {layer} of this model")
 
+    def write_index(self, kind: str, layer: Optional[int] = None) -> int:
+        """When the output of sublayer ``kind`` ("attn" / "mlp" / "embed") of ``layer`` reaches the residual
+        stream, in forward order: the embeddings are -1; sequential blocks number their sublayers like
+        :meth:`sublayer_index` (attn_0 = 0, mlp_0 = 1, ...); in parallel blocks attention and MLP of
+        layer l are written at the same time, both with index l. A sublayer with write index i writes just
+        before residual point i + 1 of :meth:`residual_points`."""
+        if kind == "embed":
+            return -1
+        if self.parallel:
+            self.sublayer_index(kind, layer)  # raises for a kind the model lacks
+            return int(layer)
+        return self.sublayer_index(kind, layer)
+
     def residual_points(self) -> list[tuple[str, str]]:
         """(point name, hook name) of the residual stream in forward order: ``resid_pre_0``, then the point
-        right after each sublayer (``resid_mid_l`` / ``resid_post_l``); point p follows sublayer p - 1."""
+        right after each write (``resid_mid_l`` / ``resid_post_l``; parallel blocks write once per layer,
+        so they have only ``resid_post_l``); point p follows the outputs with write index p - 1."""
         points = [("resid_pre_0", hook_name("resid_pre", 0))]
         for sub in self.sublayers:
+            if self.parallel and sub.kind == "mlp":
+                continue  # written together with the attention of its block: one point, resid_post
             kind = "resid_mid" if sub.resid_after.endswith("hook_resid_mid") else "resid_post"
             points.append((f"{kind}_{sub.layer}", sub.resid_after))
         return points

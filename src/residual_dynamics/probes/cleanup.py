@@ -10,17 +10,22 @@ Nodes and their outputs b (at every position):
     ``L{l}H{h}`` attention head h of layer l: z_h W_O,h, WITHOUT the layer's b_O (``attn.hook_z`` and
                  ``blocks[l].attn.W_O``); GQA heads are query heads
     ``L{l}MLP``  MLP of layer l (``hook_mlp_out``, bias included)
-Each node has a sublayer index in forward order (embeddings -1, attn_l and mlp_l as in the layer
-horizon probe); node n is LATER than writer w when its sublayer index is larger (other heads of the
-writer's own layer are not later).
+Each node has a write index (``Node.sublayer``, :meth:`Arch.write_index`): embeddings -1; attn_l and
+mlp_l numbered in forward order as in the layer horizon probe; node n is LATER than writer w when its
+write index is larger (other heads of the writer's own layer are not later).
 
 Residual points, in forward order: ``resid_pre_0``, then ``resid_mid_l`` (models with MLPs) and
 ``resid_post_l`` for every layer (``resid_pre_{l+1}`` equals ``resid_post_l`` and is not repeated).
-A node with sublayer index s writes just before point s + 1.
+A node with write index s writes just before point s + 1.
+
+Parallel blocks (GPT-NeoX / Pythia, GPT-J): attention and MLP of layer l read the same input and are
+written at the same time, so both have write index l, the MLP of layer l is not later than its heads,
+and clean-up is measured at ``resid_pre_0`` and ``resid_post_l`` only (there is no ``resid_mid``).
 
 Projection ratio (per position):  PR(a, b) = a . b / |b|^2, NaN where |b| = 0. For every writer w this
 probe reports PR(resid at each point, b_w) and PR(b_n, b_w) for every node n, summarised by the 25th,
-50th and 75th percentiles over the positions kept by :func:`position_mask` (NaNs ignored).
+50th and 75th percentiles over the positions kept by :func:`position_mask` (NaNs ignored; exact, linear
+interpolation as numpy).
 
 Scan. With m(p) the median PR of resid point p onto w, and p_w the point right after w writes:
     peak_pr       = max of m(p) over p >= p_w (at point p_peak)
@@ -39,27 +44,44 @@ Direct logit attribution (DLA). At each position, t1 and t2 are the model's own 
 the linear map  c -> g * C(c) / s  with g its gain (1 + weight for offset norms, 1 if param-free) and C
 mean-centering for LayerNorm (identity for RMSNorm). Then  DLA_n = (g * C(b_n) / s) . u,  and the sum of
 the DLAs of all nodes plus the biases and the norm's bias equals the logit difference exactly.
-``dla_corr`` is the Pearson correlation over positions between DLA_w and the sum of the DLAs of w's
-cleaners (NaN without cleaners or variance).
 
-Memory: the per-position PR tables are [writers, points + nodes, positions]; restrict ``writers`` on
-big models. The probe runs two forward passes: the first records the writers' outputs, the DLA
-direction and the final-norm scale; the second computes every PR and DLA in the hooks.
+* ``dla_corr`` (the TOTAL attribution, the write-up's r = -0.159): the Pearson correlation over positions
+  between DLA_w and the sum of the DLAs of w's cleaners (NaN without cleaners or variance).
+* ``dla_corr_vcomp`` (the V-composition part, the write-up's headline r = -0.716): the Pearson
+  correlation between DLA_w and the DLA of the part of the head cleaners' outputs that comes from
+  V-composition with the writer. For a head cleaner c (layer l, head h) at query position p:
+      v_c(p) = sum_i A_c(p, i) * (g1 * C(b_w(i)) / s1(i)) W_V,c W_O,c
+  with A_c its clean-run attention pattern, and layer l's ln1 frozen at its scale s1 (``ln1.hook_scale``,
+  gain g1 and centering as above; no biases). ``dla_vcomp`` = the DLA of the sum of v_c over w's head
+  cleaners (MLP cleaners have no V-composition and add nothing; a writer without head cleaners gets 0
+  and a NaN correlation).
+
+Memory and cost: the PR tables are [writers, nodes + points, positions]. The probe keeps them for a
+chunk of writers at a time and runs its forwards over chunks of batch rows; :func:`plan` picks the
+chunks within ``max_memory`` (the probe's own memory: tables, stored activations and one forward's
+working set). When the activations of every row fit, ONE forward records them (with the attention
+patterns when those fit too, else a second, shorter forward reads the patterns for the V-composition);
+otherwise every chunk of writers runs its own forward, and the V-composition of one chunk rides on the
+next chunk's forward (one extra forward after the last). Quantiles are computed per writer from the
+complete tables of its chunk, so every number is the same as with no chunking. A budget that fits not
+even one writer and one row gives an :class:`Unsupported` result with a note instead.
 
 Records (node suffix: heads have layer and head, ``/mlp`` has layer, ``/embed`` and ``/pos`` neither):
     ``cleanup/n_cleaned``                     number of cleaned writers
     ``cleanup/writer_score[/mlp|/embed|/pos]`` every writer
     ``cleanup/top_cleaner_pr[...]``           cleaned writers: median PR of the first cleaner
     ``cleanup/cleaner_pr_sum[...]``           cleaned writers: median of the summed cleaner PR
-    ``cleanup/dla_corr[...]``                 cleaned writers: writer vs cleaners DLA correlation
+    ``cleanup/dla_corr[...]``                 cleaned writers: writer vs cleaners' total DLA correlation
+    ``cleanup/dla_corr_vcomp[...]``           cleaned writers: writer vs the V-composition part's DLA
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from residual_dynamics.errors import ConfigError
@@ -67,13 +89,22 @@ from residual_dynamics.probes.arch import Arch
 from residual_dynamics.probes.common import (
     Record,
     check_int,
+    check_max_memory,
     check_number,
+    does_not_fit,
+    forward_bytes_per_row,
     is_sequence,
+    memory_budget,
     position_mask,
     raise_if_unsupported,
 )
 
 QUANTILES = (0.25, 0.5, 0.75)
+_FLOAT = 4  # bytes per element of every table (float32)
+# the share of max_memory the estimate below may fill: the rest covers the allocator's overhead and small
+# temporaries it leaves out (measured on GPT-2 XL, benchmarks/bench_scale.py: peak ~1.12 x the estimate)
+_PLANNED_SHARE = 0.85
+_NODE_BLOCK = 32  # node outputs (whole groups: up to one group more) per batched product with the writers
 
 
 @dataclass
@@ -84,12 +115,14 @@ class Options:
     writer_min: ... and its peak median PR is at least this (> 0).
     top_n:      most cleaners kept per writer (>= 1).
     writers:    node names to treat as writers (``EMBED``, ``POS``, ``L{l}H{h}``, ``L{l}MLP``); null = all.
+    max_memory: memory budget of the probe (e.g. "2GB"); null = ``probes.max_memory``.
     """
 
     threshold: float = 0.3
     writer_min: float = 0.7
     top_n: int = 8
     writers: Optional[List[str]] = None
+    max_memory: Optional[str] = None
 
     def check(self, arch: Arch) -> None:
         """Raise ConfigError(<option>, message) for a bad value; runs no probe."""
@@ -114,15 +147,14 @@ class Options:
                                                  f"{'POS, ' if arch.has_pos_embed else ''}L<layer>H<head> "
                                                  f"(layer < {arch.n_layers}, head < {arch.n_heads})"
                                                  f"{', L<layer>MLP' if arch.has_mlp else ''}")
+        check_max_memory(self.max_memory)
 
 
 def unsupported(arch: Arch) -> Optional[str]:
     """Why :func:`cleanup` cannot run on ``arch``, or None."""
-    if arch.parallel:
-        return ("cleanup: parallel attention + MLP blocks (GPT-NeoX / Pythia, GPT-J) have no resid_mid point, "
-                "which the forward-order scan needs; not supported yet")
-    kinds = ["embed", "z", "resid_pre", "resid_post"] + (["pos_embed"] if arch.has_pos_embed else [])
-    kinds += ["mlp_out", "resid_mid"] if arch.has_mlp else []
+    kinds = ["embed", "z", "pattern", "resid_pre", "resid_post"] + (["pos_embed"] if arch.has_pos_embed else [])
+    kinds += (["mlp_out"] + ([] if arch.parallel else ["resid_mid"])) if arch.has_mlp else []
+    kinds += ["ln1_scale"] if arch.norm is not None else []
     missing = arch.missing(*kinds)
     if missing:
         return f"cleanup: the bridge has no hook points {missing}"
@@ -131,7 +163,8 @@ def unsupported(arch: Arch) -> Optional[str]:
 
 @dataclass(frozen=True)
 class Node:
-    """A node that writes to the residual stream (see the module doc for names and ``sublayer``)."""
+    """A node that writes to the residual stream (see the module doc for names; ``sublayer`` is its
+    write index, :meth:`Arch.write_index`)."""
 
     name: str
     layer: Optional[int]
@@ -142,6 +175,27 @@ class Node:
         """``cleanup/<metric>`` for a head (layer, head), ``.../mlp`` (layer), ``.../embed`` or ``.../pos``."""
         suffix = {"EMBED": "/embed", "POS": "/pos"}.get(self.name, "/mlp" if self.head is None else "")
         return Record(f"cleanup/{metric}{suffix}", float(value), layer=self.layer, head=self.head)
+
+
+@dataclass(frozen=True)
+class CleanupPlan:
+    """How :func:`cleanup` splits its work (:func:`plan`).
+
+    writers:        writers per chunk (their PR tables are held together).
+    rows:           batch rows per forward.
+    cache:          one forward records the activations of every row, kept for all chunks of writers.
+    cache_patterns: ... the attention patterns too (else one more forward reads them for the
+                    V-composition); False without ``cache``.
+    bytes:          the estimated peak of the probe's own memory.
+    forwards:       the forward passes the probe runs (the V-composition forward counted).
+    """
+
+    writers: int
+    rows: int
+    cache: bool
+    cache_patterns: bool
+    bytes: int = 0
+    forwards: int = 0
 
 
 @dataclass
@@ -158,7 +212,11 @@ class CleanupResult:
     cleaners:       [W, top_n] int64 node indices, most negative median PR first, -1 padded.
     cleaner_pr:     [W, top_n] median PR of each cleaner, NaN padded.
     cleaner_pr_sum: [W, 3] percentiles of the per-position sum of the cleaners' PRs (NaN if none).
-    dla_corr:       [W] Pearson r between the writer's DLA and its cleaners' summed DLA.
+    dla_corr:       [W] Pearson r between the writer's DLA and its cleaners' summed (total) DLA.
+    dla_vcomp:      [W, batch, pos] DLA of the V-composition part of the writer's head cleaners (NaN at
+                    excluded positions; 0 without head cleaners).
+    dla_corr_vcomp: [W] Pearson r between the writer's DLA and ``dla_vcomp``.
+    plan:           the chunking used (:class:`CleanupPlan`).
     """
 
     nodes: list[Node]
@@ -176,6 +234,9 @@ class CleanupResult:
     cleaner_pr: torch.Tensor
     cleaner_pr_sum: torch.Tensor
     dla_corr: torch.Tensor
+    dla_vcomp: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    dla_corr_vcomp: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    plan: Optional[CleanupPlan] = None
 
     def writer_index(self, name: str) -> int:
         """Row of writer ``name`` in the per-writer tables."""
@@ -197,6 +258,7 @@ class CleanupResult:
                 metrics["top_cleaner_pr"] = self.cleaner_pr[w, 0]
                 metrics["cleaner_pr_sum"] = self.cleaner_pr_sum[w, 1]
                 metrics["dla_corr"] = self.dla_corr[w]
+                metrics["dla_corr_vcomp"] = self.dla_corr_vcomp[w]
             rows += [node.record(metric, value) for metric, value in metrics.items()]
         return rows
 
@@ -207,16 +269,88 @@ def nodes_of(arch: Arch) -> list[Node]:
     if arch.has_pos_embed:
         nodes.append(Node("POS", None, None, -1))
     for layer in range(arch.n_layers):
-        attn = arch.sublayer_index("attn", layer)
+        attn = arch.write_index("attn", layer)
         nodes += [Node(f"L{layer}H{h}", layer, h, attn) for h in range(arch.n_heads)]
         if arch.has_mlp:
-            nodes.append(Node(f"L{layer}MLP", layer, None, arch.sublayer_index("mlp", layer)))
+            nodes.append(Node(f"L{layer}MLP", layer, None, arch.write_index("mlp", layer)))
     return nodes
 
 
 def residual_points(arch: Arch) -> list[tuple[str, str]]:
-    """(point name, hook name) in forward order; point p follows the sublayer with index p - 1."""
+    """(point name, hook name) in forward order; point p follows the nodes with write index p - 1."""
     return arch.residual_points()
+
+
+# --------------------------------------------------------------------------- memory plan
+
+
+def plan(arch: Arch, *, batch: int, seq: int, n_kept: int, n_writers: int, d_vocab: int,
+         budget: int, top_n: int = 8) -> tuple[Optional[CleanupPlan], int]:
+    """The chunking of :func:`cleanup` within ``budget`` bytes: (plan, bytes needed at the smallest
+    chunk: one writer, one row, nothing cached), with plan None when even that does not fit.
+
+    Estimated bytes (float32): the PR tables, 4 (N + P) M per writer of a chunk (M kept positions);
+    per row, the recorded activations (embeddings, every head's z, MLP outputs, the residual points,
+    and the attention patterns 4 L H T^2 when they are recorded), one forward's working set
+    (:func:`forward_bytes_per_row`) and the writers' outputs at the row; and the fixed tables (DLA,
+    its directions, the quantile tables, one writer's sort, and the [d_head, d_head] V-composition
+    products of up to ``top_n`` cleaners per writer). Of the plans that fit, the one with the fewest
+    forwards wins, then the fewest chunks of writers, then the most rows per forward. The
+    estimate may fill 85% of the budget (the rest: allocator overhead and small temporaries)."""
+    d, n_heads, n_layers = arch.d_model, arch.n_heads, arch.n_layers
+    n_nodes = 1 + int(arch.has_pos_embed) + n_layers * (n_heads + int(arch.has_mlp))
+    n_points = len(arch.residual_points())
+    per_layer_out = n_heads * arch.d_head + (d if arch.has_mlp else 0)
+    nodes_row = _FLOAT * seq * (d * (1 + int(arch.has_pos_embed)) + n_layers * per_layer_out)
+    resid_row = _FLOAT * seq * n_points * d
+    patterns_row = _FLOAT * n_layers * n_heads * seq * seq
+    scales_row = 2 * _FLOAT * n_layers * seq
+    forward_row = forward_bytes_per_row(seq=seq, d_model=d, d_mlp=arch.d_mlp, n_heads=n_heads, d_vocab=d_vocab)
+    # a block of node outputs (and its copy), V-composition temporaries
+    work_row = _FLOAT * seq * (2 * (_NODE_BLOCK + n_heads) * d + 4 * d)
+    per_writer = _FLOAT * (n_nodes + n_points) * n_kept
+    # the writers' outputs, the products with a block of nodes (and a copy)
+    per_writer_row = _FLOAT * seq * (d + 2 * (_NODE_BLOCK + n_heads))
+    mixing = _FLOAT * top_n * arch.d_head ** 2  # one writer's V-composition products
+    fixed = _FLOAT * (n_kept * (n_nodes + 2 * d + 2) + n_writers * (n_kept + batch * seq)
+                      + n_nodes * batch * seq + 3 * (n_nodes + n_points) * n_kept
+                      + 3 * n_writers * (n_nodes + n_points))
+
+    def need(cache: bool, cache_patterns: bool, rows: int) -> tuple[int, int]:
+        """(bytes without the writers' tables, bytes per writer of a chunk). The V-composition products
+        of every writer wait for the last forward without the patterns cached, else those of two chunks."""
+        stored = batch * (nodes_row + resid_row + scales_row + (patterns_row if cache_patterns else 0)) if cache else 0
+        transient = rows * (forward_row + work_row + (0 if cache else nodes_row + resid_row + scales_row)
+                            + (0 if cache_patterns else patterns_row))
+        waiting = n_writers * mixing if cache and not cache_patterns else 0
+        return fixed + stored + transient + waiting, per_writer + rows * per_writer_row + 2 * mixing
+
+    usable = int(_PLANNED_SHARE * budget)
+
+    def fitting_writers(cache: bool, cache_patterns: bool, rows: int) -> tuple[int, int]:
+        """(most writers per chunk that fit, bytes with that many); 0 writers when none fit."""
+        base, step = need(cache, cache_patterns, rows)
+        count = min(n_writers, max(0, (usable - base) // step))
+        return int(count), int(base + max(count, 1) * step)
+
+    smallest = int(sum(need(False, False, 1)) / _PLANNED_SHARE)
+    best, best_key = None, None
+    candidate_rows = sorted({max(1, -(-batch // parts)) for parts in (1, 2, 4, 8, 16, 32, 64, 128, batch)},
+                            reverse=True)
+    for cache, cache_patterns in ((True, True), (True, False), (False, False)):
+        for rows in candidate_rows:
+            count, size = fitting_writers(cache, cache_patterns, rows)
+            if count < 1:
+                continue
+            chunks = -(-n_writers // count)
+            forwards = 1 if cache_patterns else 2 if cache else chunks + 1
+            key = (forwards, chunks, -rows)
+            if best_key is None or key < best_key:
+                best, best_key = CleanupPlan(count, rows, cache, cache_patterns, size, forwards), key
+    return best, smallest
+
+
+# --------------------------------------------------------------------------- the probe
 
 
 def cleanup(
@@ -227,134 +361,436 @@ def cleanup(
     writer_min: float = 0.7,
     top_n: int = 8,
     writers: Optional[Sequence[str]] = None,
+    max_memory: Optional[str] = None,
     attention_mask: Optional[torch.Tensor] = None,
     arch: Optional[Arch] = None,
-) -> CleanupResult:
-    """Projection-ratio tables, the clean-up scan and the DLA correlation; see the module doc.
+):
+    """Projection-ratio tables, the clean-up scan and both DLA correlations; see the module doc.
 
-    ``writers``: node names to treat as writers (default: every node). ``arch``: the model's
-    :class:`~residual_dynamics.probes.arch.Arch` (built from the bridge if not given). Raises
-    ProbeUnsupported on parallel blocks or missing hook points (:func:`unsupported`).
+    ``writers``: node names to treat as writers (default: every node). ``max_memory`` (bytes or e.g.
+    "2GB"; default ``DEFAULT_MAX_MEMORY``) bounds the probe's own memory and sets its chunks
+    (:func:`plan`); a budget too small for one writer and one row gives an :class:`Unsupported` with a
+    note. ``arch``: the model's :class:`~residual_dynamics.probes.arch.Arch` (built from the bridge if
+    not given). Raises ProbeUnsupported on missing hook points (:func:`unsupported`).
     """
     arch = Arch.of(bridge) if arch is None else arch
     raise_if_unsupported(unsupported(arch))
-    nodes = nodes_of(arch)
+    writer_nodes = _writer_nodes(nodes_of(arch), writers)
+    mask = position_mask(tokens, attention_mask)
+    budget = memory_budget(max_memory)
+    chunking, smallest = plan(arch, batch=tokens.shape[0], seq=tokens.shape[1], n_kept=int(mask.sum()),
+                              n_writers=len(writer_nodes), d_vocab=int(bridge.cfg.d_vocab), budget=budget,
+                              top_n=top_n)
+    if chunking is None:
+        return does_not_fit("cleanup", smallest, budget, "raise probes.max_memory or use fewer or shorter prompts")
+    return cleanup_with_plan(bridge, tokens, chunking, threshold=threshold, writer_min=writer_min, top_n=top_n,
+                             writers=writers, attention_mask=attention_mask, arch=arch)
+
+
+def cleanup_with_plan(
+    bridge,
+    tokens: torch.Tensor,
+    chunking: CleanupPlan,
+    *,
+    threshold: float = 0.3,
+    writer_min: float = 0.7,
+    top_n: int = 8,
+    writers: Optional[Sequence[str]] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    arch: Optional[Arch] = None,
+) -> CleanupResult:
+    """:func:`cleanup` with an explicit chunking (any :class:`CleanupPlan`, e.g. to check that every
+    chunking gives the same numbers); no memory check."""
+    arch = Arch.of(bridge) if arch is None else arch
+    raise_if_unsupported(unsupported(arch))
+    with torch.no_grad():
+        return _Cleanup(bridge, tokens, attention_mask, arch, writers, chunking).run(threshold, writer_min, top_n)
+
+
+def _writer_nodes(nodes: list[Node], writers: Optional[Sequence[str]]) -> list[int]:
     names = [node.name for node in nodes]
     writer_names = names if writers is None else list(writers)
     unknown = sorted(set(writer_names) - set(names))
     if unknown or not writer_names:
         raise ValueError(f"cleanup: writers must be a non-empty subset of {names}; unknown: {unknown}")
-    writer_nodes = [names.index(name) for name in writer_names]
-    points = residual_points(arch)
-    mask = position_mask(tokens, attention_mask)
-    forward_kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-    n_heads = arch.n_heads
+    return [names.index(name) for name in writer_names]
 
-    def node_hooks(handle, wanted: Sequence[int]) -> list:
-        """Hooks calling ``handle(first_node_index, outputs [M, n, d_model])`` at kept positions for
-        every node group (one node, or all heads of a layer) that contains a node in ``wanted``."""
 
-        def at(first: int, z_of_layer: Optional[int] = None):
-            """Hook on one node's output, or on the z of every head of layer ``z_of_layer``."""
+@dataclass
+class _Activations:
+    """What one forward recorded for a chunk of rows: node outputs at every position of the rows
+    (``z`` per layer for the heads), the residual points at the kept positions, and, where asked for,
+    attention patterns and ln1 scales per layer."""
 
-            def hook_fn(x: torch.Tensor, hook) -> None:
-                kept = x[mask].float()
-                if z_of_layer is None:
-                    handle(first, kept[:, None])
-                else:
-                    w_o = bridge.blocks[z_of_layer].attn.W_O.float()  # [head, d_head, d_model]
-                    handle(first, torch.einsum("mhd,hde->mhe", kept, w_o))
+    rows: slice
+    keep: torch.Tensor  # [r, pos] bool
+    span: tuple[int, int]  # the rows' kept positions in the flattened [M] order
+    embed: Optional[torch.Tensor] = None
+    pos: Optional[torch.Tensor] = None
+    z: dict = field(default_factory=dict)
+    mlp: dict = field(default_factory=dict)
+    resid: dict = field(default_factory=dict)
+    pattern: dict = field(default_factory=dict)
+    scale: dict = field(default_factory=dict)
 
-            return hook_fn
 
-        hooks = []
-        for index, node in enumerate(nodes):
-            if node.head not in (None, 0):
-                continue  # heads are handled as a group, at head 0
-            group = range(index, index + (1 if node.head is None else n_heads))
-            if not set(group) & set(wanted):
-                continue
-            if node.name == "EMBED":
-                hooks.append((arch.hook("embed"), at(index)))
-            elif node.name == "POS":
-                hooks.append((arch.hook("pos_embed"), at(index)))
+@dataclass
+class _Job:
+    """The V-composition of one writer with its head cleaners ([(layer, head)])."""
+
+    row: int  # index into the writers
+    node: int
+    cleaners: list
+
+
+@dataclass
+class _CleanerWork:
+    """The V-composition of one cleaner head with the writers it cleans (see ``_Cleanup._prepare``):
+    head writers by (layer, head) with their [k, d_head, d_head] mixing products, other writers by
+    (node, kind, layer); ``rows`` are the writers' rows, head writers first."""
+
+    layer: int
+    head: int
+    gain: Optional[torch.Tensor]
+    center: bool
+    w_v: torch.Tensor
+    sources: list
+    mixing: Optional[torch.Tensor]
+    others: list
+    rows: torch.Tensor
+
+
+class _Cleanup:
+    """One run of the probe (see the module doc); all tables stay on the device until :meth:`run` ends."""
+
+    def __init__(self, bridge, tokens, attention_mask, arch: Arch, writers, chunking: CleanupPlan):
+        self.bridge, self.tokens, self.attention_mask, self.arch = bridge, tokens, attention_mask, arch
+        self.chunking = chunking
+        self.nodes = nodes_of(arch)
+        self.writer_nodes = _writer_nodes(self.nodes, writers)
+        self.points = residual_points(arch)
+        self.mask = position_mask(tokens, attention_mask)
+        self.device = tokens.device
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), self.mask.sum(1).cumsum(0).cpu()])
+        batch = tokens.shape[0]
+        self.row_chunks = [slice(s, min(s + max(1, chunking.rows), batch))
+                           for s in range(0, batch, max(1, chunking.rows))]
+        self.spans = [(int(starts[r.start]), int(starts[r.stop])) for r in self.row_chunks]
+        self.n_kept = int(starts[-1])
+        # node groups: (first node index, count, kind, layer); heads of a layer form one group
+        self.groups = []
+        for index, node in enumerate(self.nodes):
+            if node.head is None:
+                kind = {"EMBED": "embed", "POS": "pos"}.get(node.name, "mlp")
+                self.groups.append((index, 1, kind, node.layer))
             elif node.head == 0:
-                hooks.append((arch.hook("z", node.layer), at(index, z_of_layer=node.layer)))
+                self.groups.append((index, arch.n_heads, "heads", node.layer))
+        self.group_of = {first + i: group for group in self.groups for first in [group[0]] for i in range(group[1])}
+        n_writers, n_nodes, m = len(self.writer_nodes), len(self.nodes), self.n_kept
+        d = arch.d_model
+        self.direction = torch.empty(m, d, device=self.device)
+        self.dla_values = torch.empty(n_nodes, m, device=self.device)
+        self.vcomp_values = torch.zeros(n_writers, m, device=self.device)
+        self.resid_pr = torch.empty(n_writers, len(self.points), len(QUANTILES), device=self.device)
+        self.node_pr = torch.empty(n_writers, n_nodes, len(QUANTILES), device=self.device)
+        self.cleaner_sum = torch.full((n_writers, len(QUANTILES)), math.nan, device=self.device)
+        self.dla_corr = torch.full((n_writers,), math.nan, device=self.device)
+        self.scan: list[dict] = []
+
+    # ---------------------------------------------------------------- driver
+
+    def run(self, threshold: float, writer_min: float, top_n: int) -> CleanupResult:
+        chunking, n_layers = self.chunking, self.arch.n_layers
+        cache = None
+        if chunking.cache:
+            every = set(range(n_layers))
+            cache = [self._capture(i, nodes=True, resid=True, logits=True, scales=every,
+                                   patterns=every if chunking.cache_patterns else set())
+                     for i in range(len(self.row_chunks))]
+        size = max(1, chunking.writers)
+        chunks = [list(range(start, min(start + size, len(self.writer_nodes))))
+                  for start in range(0, len(self.writer_nodes), size)]
+        pending: list[_CleanerWork] = []
+        for c, rows in enumerate(chunks):
+            resid_values = torch.empty(len(rows), len(self.points), self.n_kept, device=self.device)
+            node_values = torch.empty(len(rows), len(self.nodes), self.n_kept, device=self.device)
+            for i in range(len(self.row_chunks)):
+                if cache is not None:
+                    acts = cache[i]
+                else:
+                    layers = {work.layer for work in pending}
+                    acts = self._capture(i, nodes=True, resid=True, logits=c == 0, scales=layers, patterns=layers)
+                    self._vcomp(acts, pending)
+                self._project(acts, rows, resid_values, node_values, dla=c == 0)
+                del acts
+            if cache is None:
+                pending = []
+            works = self._prepare(self._finish_chunk(rows, resid_values, node_values, threshold, writer_min, top_n))
+            del resid_values, node_values
+            if cache is not None and chunking.cache_patterns:
+                for acts in cache:
+                    self._vcomp(acts, works)
             else:
-                hooks.append((arch.hook("mlp_out", node.layer), at(index)))
-        return hooks
+                pending += works
+        if pending:  # one more forward, up to the last cleaner's layer, for the patterns
+            layers = {work.layer for work in pending}
+            for i in range(len(self.row_chunks)):
+                acts = self._capture(i, nodes=cache is None, resid=False, logits=False, scales=layers,
+                                     patterns=layers, stop_after=max(layers))
+                if cache is not None:
+                    acts = _merged(cache[i], acts)
+                self._vcomp(acts, pending)
+                del acts
+        del cache
+        return self._result(top_n)
 
-    with torch.no_grad():
-        # Pass 1: writer outputs, final-norm scale and the top-2 logit direction.
-        outputs: dict[int, torch.Tensor] = {}
+    # ---------------------------------------------------------------- forwards
 
-        def keep_writers(first: int, group: torch.Tensor) -> None:
-            for offset in range(group.shape[1]):
-                if first + offset in writer_nodes:
-                    outputs[first + offset] = group[:, offset]
+    def _capture(self, i: int, *, nodes: bool, resid: bool, logits: bool, scales: set, patterns: set,
+                 stop_after: Optional[int] = None) -> _Activations:
+        """Run the forward over row chunk ``i`` and record what is asked for (see :class:`_Activations`);
+        with ``logits``, the rows' DLA directions too. Without logits the forward stops after the last
+        block (or after layer ``stop_after``)."""
+        arch, rows = self.arch, self.row_chunks[i]
+        keep = self.mask[rows]
+        acts = _Activations(rows=rows, keep=keep, span=self.spans[i])
+        hooks = []
 
-        scale: list[torch.Tensor] = []
-        pass1 = node_hooks(keep_writers, writer_nodes)
-        if arch.has("ln_final_scale"):
-            pass1.append((arch.hook("ln_final_scale"), lambda x, hook: scale.append(x[mask].float())))
-        logits = bridge.run_with_hooks(tokens, fwd_hooks=pass1, **forward_kwargs)
-        missing = [names[i] for i in writer_nodes if i not in outputs]
-        if missing:
-            raise ValueError(f"cleanup: no output was recorded for nodes {missing}")
-        direction = _dla_direction(bridge, logits[mask].float(), scale[0] if scale else None)
-        del logits
-        b = torch.stack([outputs[i] for i in writer_nodes])  # [W, M, d_model]
-        b_norm2 = b.pow(2).sum(-1)
-        b_norm2 = torch.where(b_norm2 > 0, b_norm2, torch.nan)
-
-        # Pass 2: every PR onto the writers and every DLA, reduced in the hooks.
-        n_kept = int(mask.sum())
-        resid_values = torch.empty(len(writer_nodes), len(points), n_kept, device=b.device)
-        node_values = torch.empty(len(writer_nodes), len(nodes), n_kept, device=b.device)
-        dla_values = torch.empty(len(nodes), n_kept, device=b.device)
-
-        def project(a: torch.Tensor) -> torch.Tensor:
-            """PR of a [M, n, d] onto every writer: [W, n, M]."""
-            return torch.einsum("mnd,wmd->wnm", a, b) / b_norm2[:, None]
-
-        def on_nodes(first: int, group: torch.Tensor) -> None:
-            node_values[:, first : first + group.shape[1]] = project(group)
-            dla_values[first : first + group.shape[1]] = torch.einsum("mnd,md->nm", group, direction)
-
-        def on_point(p: int):
+        def put(table: Optional[dict], key, kept: bool = False):
             def hook_fn(x: torch.Tensor, hook) -> None:
-                resid_values[:, p] = project(x[mask].float()[:, None])[:, 0]
+                value = x[keep].float() if kept else x.float()
+                if table is None:
+                    setattr(acts, key, value)
+                else:
+                    table[key] = value
 
             return hook_fn
 
-        pass2 = node_hooks(on_nodes, range(len(nodes))) + [(hook, on_point(p)) for p, (_, hook) in enumerate(points)]
-        bridge.run_with_hooks(tokens, fwd_hooks=pass2, **forward_kwargs)
-        del b, outputs
+        if nodes:
+            hooks.append((arch.hook("embed"), put(None, "embed")))
+            if arch.has_pos_embed:
+                hooks.append((arch.hook("pos_embed"), put(None, "pos")))
+            for layer in range(arch.n_layers):
+                hooks.append((arch.hook("z", layer), put(acts.z, layer)))
+                if arch.has_mlp:
+                    hooks.append((arch.hook("mlp_out", layer), put(acts.mlp, layer)))
+        if resid:
+            hooks += [(hook, put(acts.resid, p, kept=True)) for p, (_, hook) in enumerate(self.points)]
+        hooks += [(arch.hook("pattern", layer), put(acts.pattern, layer)) for layer in sorted(patterns)]
+        if arch.norm is not None:
+            hooks += [(arch.hook("ln1_scale", layer), put(acts.scale, layer)) for layer in sorted(scales)]
+        final_scale: dict = {}
+        if logits and arch.has("ln_final_scale"):
+            hooks.append((arch.hook("ln_final_scale"), put(final_scale, "s", kept=True)))
+        if not logits:
+            stop = (arch.hook("resid_pre", stop_after + 1) if stop_after is not None and stop_after + 1 < arch.n_layers
+                    else arch.stop_hook)
+            if stop is not None:
+                hooks.append((stop, _stop_forward))
+        kwargs = {} if self.attention_mask is None else {"attention_mask": self.attention_mask[rows]}
+        from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
-        resid_pr = _nan_quantiles(resid_values)
-        node_pr = _nan_quantiles(node_values)
-        scan = _scan(nodes, writer_nodes, resid_pr[..., 1], node_pr[..., 1], threshold, writer_min, top_n)
-        cleaner_sum = torch.full((len(writer_nodes), len(QUANTILES)), math.nan, device=node_pr.device)
-        dla_corr = torch.full((len(writer_nodes),), math.nan, device=node_pr.device)
-        for w, row in enumerate(scan["cleaners"]):
-            chosen = row[row >= 0].to(node_values.device)
-            if len(chosen):
-                cleaner_sum[w] = _nan_quantiles(node_values[w, chosen].sum(0))
-                dla_corr[w] = _pearson(dla_values[writer_nodes[w]], dla_values[chosen].sum(0))
-        dla = torch.full((len(nodes), *tokens.shape), math.nan, device=dla_values.device)
-        dla[:, mask] = dla_values
+        try:
+            out = self.bridge.run_with_hooks(self.tokens[rows], fwd_hooks=hooks, **kwargs)
+        except StopAtLayerException:  # TransformerLens catches it itself; kept for bridges that would not
+            out = None
+        if logits:
+            m0, m1 = acts.span
+            self.direction[m0:m1] = _dla_direction(self.bridge, out[keep].float(), final_scale.get("s"))
+        del out
+        if acts.pos is not None and acts.pos.shape[0] != keep.shape[0]:
+            acts.pos = acts.pos.expand(keep.shape[0], -1, -1)
+        return acts
 
-    return CleanupResult(
-        nodes=nodes,
-        point_names=[name for name, _ in points],
-        writers=torch.tensor(writer_nodes, dtype=torch.int64),
-        resid_pr=resid_pr.cpu(),
-        node_pr=node_pr.cpu(),
-        dla=dla.cpu(),
-        cleaner_pr_sum=cleaner_sum.cpu(),
-        dla_corr=dla_corr.cpu(),
-        **{key: value.cpu() for key, value in scan.items()},
-    )
+    # ---------------------------------------------------------------- node outputs
+
+    def _group_output(self, acts: _Activations, kind: str, layer: Optional[int], keep: Optional[torch.Tensor]):
+        """[m, n, d] outputs of one node group at the kept positions (``keep``) or [r, pos, n, d] at all."""
+        if kind == "heads":
+            z = acts.z[layer] if keep is None else acts.z[layer][keep]
+            w_o = self.bridge.blocks[layer].attn.W_O.float()  # [head, d_head, d_model]
+            return torch.einsum("...hd,hde->...he", z, w_o)
+        x = {"embed": acts.embed, "pos": acts.pos, "mlp": acts.mlp.get(layer)}[kind]
+        return (x if keep is None else x[keep])[..., None, :]
+
+    def _group_of(self, node_index: int):
+        """(first node, count, kind, layer) of the group of node ``node_index``."""
+        return self.group_of[node_index]
+
+    # ---------------------------------------------------------------- tables
+
+    def _project(self, acts: _Activations, rows: list[int], resid_values, node_values, dla: bool) -> None:
+        """Fill the PR tables of writers ``rows`` (and, with ``dla``, every node's DLA) at the kept
+        positions of ``acts``: per position, one batched matrix product of a block of node outputs
+        (whole groups, about :data:`_NODE_BLOCK` nodes) with the writers' outputs."""
+        m0, m1 = acts.span
+        if m1 == m0:
+            return
+        outputs = {}  # group outputs with writers of the chunk, reused below
+        picked = []
+        for row in rows:
+            first, _, kind, layer = self._group_of(self.writer_nodes[row])
+            if first not in outputs:
+                outputs[first] = self._group_output(acts, kind, layer, acts.keep)
+            picked.append(outputs[first][:, self.writer_nodes[row] - first])
+        writers = torch.stack(picked, dim=1)  # [m, W_chunk, d]
+        del picked
+        b_norm2 = torch.einsum("mwd,mwd->mw", writers, writers)[:, None]
+        b_norm2 = torch.where(b_norm2 > 0, b_norm2, torch.nan)  # [m, 1, W_chunk]
+        writers_t = writers.transpose(1, 2)  # [m, d, W_chunk], a view
+        direction = self.direction[m0:m1, :, None]  # [m, d, 1]
+
+        def flush(first: int, block: list[torch.Tensor], table, dla_too: bool) -> None:
+            outputs = block[0] if len(block) == 1 else torch.cat(block, dim=1)  # [m, n, d]
+            count = outputs.shape[1]
+            table[:, first : first + count, m0:m1] = (torch.bmm(outputs, writers_t) / b_norm2).permute(2, 1, 0)
+            if dla_too:
+                self.dla_values[first : first + count, m0:m1] = torch.bmm(outputs, direction)[..., 0].T
+
+        first, block = 0, []
+        for start, count, kind, layer in self.groups:
+            if block and sum(x.shape[1] for x in block) + count > _NODE_BLOCK:
+                flush(first, block, node_values, dla)
+                first, block = start, []
+            block.append(outputs.pop(start) if start in outputs else self._group_output(acts, kind, layer, acts.keep))
+        flush(first, block, node_values, dla)
+        for first in range(0, len(self.points), _NODE_BLOCK):
+            points = range(first, min(first + _NODE_BLOCK, len(self.points)))
+            flush(first, [acts.resid[p][:, None] for p in points], resid_values, False)
+
+    def _finish_chunk(self, rows: list[int], resid_values, node_values, threshold, writer_min, top_n) -> list[_Job]:
+        """Quantiles, the scan, the cleaners' summed PR and the total-DLA correlation of writers ``rows``
+        from their complete tables; returns their V-composition jobs."""
+        for offset, row in enumerate(rows):  # one writer at a time: the sort workspace stays small
+            self.resid_pr[row] = _nan_quantiles(resid_values[offset])
+            self.node_pr[row] = _nan_quantiles(node_values[offset])
+        writer_nodes = [self.writer_nodes[row] for row in rows]
+        scan = _scan(self.nodes, writer_nodes, self.resid_pr[rows, :, 1], self.node_pr[rows, :, 1],
+                     threshold, writer_min, top_n)
+        self.scan.append(scan)
+        jobs = []
+        for offset, row in enumerate(rows):
+            chosen = scan["cleaners"][offset]
+            chosen = chosen[chosen >= 0].to(self.device)
+            if not len(chosen):
+                continue
+            self.cleaner_sum[row] = _nan_quantiles(node_values[offset, chosen].sum(0))
+            self.dla_corr[row] = _pearson(self.dla_values[writer_nodes[offset]], self.dla_values[chosen].sum(0))
+            heads = [(self.nodes[i].layer, self.nodes[i].head) for i in chosen.tolist() if self.nodes[i].head is not None]
+            if heads:
+                jobs.append(_Job(row, writer_nodes[offset], heads))
+        return jobs
+
+    def _prepare(self, jobs: list[_Job]) -> list["_CleanerWork"]:
+        """The V-composition work of ``jobs`` grouped by cleaner head, with every row-independent
+        product made once: for head writers the [d_head, d_head] products W_O,w C diag(g) W_V,c."""
+        arch, blocks = self.arch, self.bridge.blocks
+        group_per_kv = arch.n_heads // arch.n_kv_heads
+        by_cleaner: dict = {}
+        for job in jobs:
+            for cleaner in job.cleaners:
+                by_cleaner.setdefault(cleaner, []).append(job)
+        works = []
+        for (layer, head), cleaned in sorted(by_cleaner.items()):
+            gain, center = _norm_map(blocks[layer].ln1)
+            w_v = blocks[layer].attn.W_V[head // group_per_kv].float()  # [d_model, d_head]
+            head_jobs = [job for job in cleaned if self._group_of(job.node)[2] == "heads"]
+            other_jobs = [job for job in cleaned if self._group_of(job.node)[2] != "heads"]
+            sources, reads = [], []
+            for job in head_jobs:
+                first, _, _, writer_layer = self._group_of(job.node)
+                sources.append((writer_layer, job.node - first))
+                reads.append(blocks[writer_layer].attn.W_O[job.node - first].float())  # [d_head, d_model]
+            mixing = None
+            if reads:
+                read = torch.stack(reads)
+                read = read - read.mean(-1, keepdim=True) if center else read
+                read = read * gain if gain is not None else read
+                mixing = read @ w_v  # [k, d_head, d_head]
+            works.append(_CleanerWork(
+                layer=layer, head=head, gain=gain, center=center, w_v=w_v, sources=sources, mixing=mixing,
+                others=[(job.node,) + self._group_of(job.node)[2:] for job in other_jobs],
+                rows=torch.tensor([job.row for job in head_jobs + other_jobs], device=self.device)))
+        return works
+
+    def _vcomp(self, acts: _Activations, works: list["_CleanerWork"]) -> None:
+        """Add the DLA of the V-composition part of the cleaners of ``works`` at the rows of ``acts``."""
+        m0, m1 = acts.span
+        if not works or m1 == m0:
+            return
+        direction = self.direction[m0:m1]
+        for work in works:
+            parts = []
+            if work.sources:
+                z = torch.stack([acts.z[layer][:, :, head] for layer, head in work.sources], dim=2)  # [r, pos, k, dh]
+                parts.append(torch.einsum("rtkd,kde->krte", z, work.mixing))
+            for node, kind, writer_layer in work.others:
+                x = self._group_output(acts, kind, writer_layer, None)[..., 0, :]  # [r, pos, d_model]
+                x = x - x.mean(-1, keepdim=True) if work.center else x
+                parts.append(((x * work.gain if work.gain is not None else x) @ work.w_v)[None])
+            values = parts[0] if len(parts) == 1 else torch.cat(parts)  # [k, r, pos, d_head]
+            if self.arch.norm is not None:
+                values = values / acts.scale[work.layer]
+            mixed = torch.einsum("rpi,krid->krpd", acts.pattern[work.layer][:, work.head], values)[:, acts.keep]
+            query = direction @ self.bridge.blocks[work.layer].attn.W_O[work.head].float().T  # [m, d_head]
+            self.vcomp_values[work.rows, m0:m1] += (mixed * query).sum(-1)
+
+    # ---------------------------------------------------------------- result
+
+    def _result(self, top_n: int) -> CleanupResult:
+        scan = {key: torch.cat([part[key] for part in self.scan]) for key in self.scan[0] if key != "ranking"}
+        cleaned, score = scan["cleaned"], scan["writer_score"]
+        ranked = cleaned.nonzero()[:, 0]
+        ranking = ranked[score[ranked].argsort(descending=True, stable=True)]
+        dla_corr_vcomp = torch.full((len(self.writer_nodes),), math.nan, device=self.device)
+        for row, node in enumerate(self.writer_nodes):
+            if (scan["cleaners"][row] >= 0).any():
+                dla_corr_vcomp[row] = _pearson(self.dla_values[node], self.vcomp_values[row])
+        shape = self.tokens.shape
+        dla = torch.full((len(self.nodes), *shape), math.nan, device=self.device)
+        dla[:, self.mask] = self.dla_values
+        vcomp = torch.full((len(self.writer_nodes), *shape), math.nan, device=self.device)
+        vcomp[:, self.mask] = self.vcomp_values
+        return CleanupResult(
+            nodes=self.nodes,
+            point_names=[name for name, _ in self.points],
+            writers=torch.tensor(self.writer_nodes, dtype=torch.int64),
+            resid_pr=self.resid_pr.cpu(),
+            node_pr=self.node_pr.cpu(),
+            dla=dla.cpu(),
+            cleaner_pr_sum=self.cleaner_sum.cpu(),
+            dla_corr=self.dla_corr.cpu(),
+            dla_vcomp=vcomp.cpu(),
+            dla_corr_vcomp=dla_corr_vcomp.cpu(),
+            ranking=ranking,
+            plan=self.chunking,
+            **{key: value.cpu() for key, value in scan.items()},
+        )
+
+
+def _merged(stored: _Activations, extra: _Activations) -> _Activations:
+    """The stored activations of a row chunk with the patterns and scales of a later forward."""
+    return _Activations(rows=stored.rows, keep=stored.keep, span=stored.span, embed=stored.embed, pos=stored.pos,
+                        z=stored.z, mlp=stored.mlp, resid=stored.resid, pattern={**stored.pattern, **extra.pattern},
+                        scale={**stored.scale, **extra.scale})
+
+
+def _stop_forward(activation: torch.Tensor, hook) -> None:
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    raise StopAtLayerException(activation)
+
+
+def _norm_map(norm) -> tuple[Optional[torch.Tensor], bool]:
+    """(gain or None, centers) of a norm bridge's linear action at a frozen scale: the gain is the
+    weight (1 + weight for offset norms; None for param-free norms and models without norms), and
+    LayerNorms center (RMSNorms and identity slots do not)."""
+    is_norm = hasattr(norm, "uses_rms_norm")
+    weight = getattr(norm, "weight", None) if is_norm else None
+    gain = None
+    if isinstance(weight, torch.Tensor):
+        gain = 1.0 + weight.float() if getattr(norm, "uses_weight_offset", False) else weight.float()
+    return gain, bool(is_norm and not norm.uses_rms_norm)
 
 
 def _dla_direction(bridge, logits: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
@@ -362,12 +798,10 @@ def _dla_direction(bridge, logits: torch.Tensor, scale: Optional[torch.Tensor]) 
     top2 = logits.topk(2, dim=-1).indices
     w_u = bridge.W_U.float()  # [d_model, d_vocab]
     direction = w_u[:, top2[:, 0]].T - w_u[:, top2[:, 1]].T
-    norm = bridge.ln_final
-    weight = getattr(norm, "weight", None) if hasattr(norm, "uses_rms_norm") else None
-    if isinstance(weight, torch.Tensor):
-        gain = 1.0 + weight.float() if getattr(norm, "uses_weight_offset", False) else weight.float()
+    gain, center = _norm_map(bridge.ln_final)
+    if gain is not None:
         direction = direction * gain
-    if hasattr(norm, "uses_rms_norm") and not norm.uses_rms_norm:
+    if center:
         # Centering is a symmetric projection: C(c) . v == c . C(v).
         direction = direction - direction.mean(-1, keepdim=True)
     if scale is not None:
@@ -405,14 +839,11 @@ def _scan(nodes, writer_nodes, resid_median, node_median, threshold, writer_min,
         order = node_median[w, candidates].argsort()[:top_n]
         cleaners[w, : len(order)] = candidates[order]
         cleaner_pr[w, : len(order)] = node_median[w, candidates[order]]
-    ranked = cleaned.nonzero()[:, 0]
-    ranking = ranked[score[ranked].argsort(descending=True, stable=True)]
     return {
         "peak_pr": peak_pr,
         "writer_score": score,
         "cleaned": cleaned,
         "cleaned_at": cleaned_at,
-        "ranking": ranking,
         "cleaners": cleaners,
         "cleaner_pr": cleaner_pr,
     }
@@ -421,9 +852,13 @@ def _scan(nodes, writer_nodes, resid_median, node_median, threshold, writer_min,
 def _nan_quantiles(values: torch.Tensor) -> torch.Tensor:
     """QUANTILES of the last dimension ignoring NaNs (linear interpolation, as numpy); [..., 3].
 
-    Sort-based rather than torch.nanquantile, which refuses inputs above 16M elements.
+    Sort-based rather than torch.nanquantile, which refuses inputs above 16M elements; on the CPU with
+    numpy's sort (SIMD, several times faster than torch's there; the same order, NaNs last).
     """
-    ordered = values.sort(dim=-1).values  # NaNs sort last
+    if values.device.type == "cpu":
+        ordered = torch.from_numpy(np.sort(values.numpy(), axis=-1))
+    else:
+        ordered = values.sort(dim=-1).values  # NaNs sort last
     count = (~values.isnan()).sum(-1, keepdim=True)
     result = []
     for q in QUANTILES:
@@ -439,4 +874,5 @@ def _pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Pearson correlation of two 1-D tensors (NaN if either is constant)."""
     x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
     denominator = (x.pow(2).sum() * y.pow(2).sum()).sqrt()
-    return (x * y).sum() / denominator if denominator > 0 else torch.tensor(math.nan, dtype=torch.float64)
+    return (x * y).sum() / denominator if denominator > 0 else torch.tensor(math.nan, dtype=torch.float64,
+                                                                            device=x.device)

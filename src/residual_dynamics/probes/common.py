@@ -156,3 +156,72 @@ def check_layer_pair(value, field: str, n_layers: Optional[int]) -> None:
             raise ConfigError(field, f"must be two layers 0 <= a < b, got {value!r}")
     elif not 0 <= a < b < n_layers:
         raise ConfigError(field, f"must be two layers 0 <= a < b < n_layers={n_layers}, got {value!r}")
+
+
+# --- memory budget (``probes.max_memory``) --------------------------------------------------------------
+
+#: The default budget of every probe's own memory (``probes.max_memory``).
+DEFAULT_MAX_MEMORY = "2GB"
+
+_BYTE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_bytes(value, field: str = "max_memory") -> int:
+    """A memory size in bytes from an integer number of bytes or a string ``"<number>[unit]"``: units B,
+    KB, MB, GB, TB (powers of 1000) and KiB, MiB, GiB, TiB (powers of 1024), case-insensitive, e.g.
+    ``"2GB"``, ``"1.5 GiB"``, ``"512MB"``, ``"2000000000"``. Raises ConfigError(field, ...) otherwise or
+    for a size that is not positive."""
+    import re
+
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(field, f"must be a memory size like '2GB' or a number of bytes, got {value!r}")
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _BYTE_UNITS:
+            raise ConfigError(field, f"must be a memory size like '2GB', '512MiB' or a number of bytes "
+                                     f"(units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), got {value!r}")
+        size = float(match.group(1)) * _BYTE_UNITS[unit]
+    else:
+        size = float(value)
+    if not 1 <= size < float("inf"):
+        raise ConfigError(field, f"must be a positive memory size, got {value!r}")
+    return int(size)
+
+
+def check_max_memory(value, field: str = "max_memory") -> None:
+    """None (use ``probes.max_memory``), or a size :func:`parse_bytes` accepts."""
+    if value is not None:
+        parse_bytes(value, field)
+
+
+def memory_budget(max_memory) -> int:
+    """The budget in bytes: ``max_memory`` parsed, or :data:`DEFAULT_MAX_MEMORY` when None."""
+    return parse_bytes(DEFAULT_MAX_MEMORY if max_memory is None else max_memory)
+
+
+def format_bytes(size: float) -> str:
+    """``1.23GB`` style (powers of 1000)."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if abs(size) >= scale:
+            return f"{size / scale:.2f}{unit}"
+    return f"{int(size)}B"
+
+
+def forward_bytes_per_row(*, seq: int, d_model: int, d_mlp: Optional[int], n_heads: int, d_vocab: int,
+                          logits: bool = True, element_size: int = 4) -> int:
+    """An upper estimate of the transient memory of one forward pass per batch row of ``seq`` tokens:
+    a few residual-sized tensors, the attention scores and pattern (eager attention), the MLP hidden
+    activations, and (``logits``) the [seq, d_vocab] logits with a float copy for the loss or top-k."""
+    per_token = 8 * d_model + 3 * (d_mlp or 0) + (2 * d_vocab if logits else 0)
+    return element_size * (seq * per_token + 4 * n_heads * seq * seq)
+
+
+def does_not_fit(probe: str, needed: int, budget: int, hint: str) -> "Unsupported":
+    """The result of a probe that cannot run within ``budget`` bytes even at its smallest chunk."""
+    return Unsupported(note=f"{probe}: needs about {format_bytes(needed)} even at its smallest chunk, more than "
+                            f"probes.max_memory={format_bytes(budget)}; {hint}")

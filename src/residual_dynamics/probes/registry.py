@@ -29,7 +29,9 @@ from residual_dynamics.errors import ConfigError
 from residual_dynamics.probes import activation_rates as activation_rates_mod
 from residual_dynamics.probes import cleanup as cleanup_mod
 from residual_dynamics.probes import layer_horizon as layer_horizon_mod
+from residual_dynamics.probes import logit_lens as logit_lens_mod
 from residual_dynamics.probes import residual_norms as residual_norms_mod
+from residual_dynamics.probes import sublayer_ablation as sublayer_ablation_mod
 from residual_dynamics.probes import weight_norms as weight_norms_mod
 from residual_dynamics.probes.arch import Arch
 from residual_dynamics.probes.common import Unsupported
@@ -67,6 +69,9 @@ PROBES: dict[str, ProbeSpec] = {
     "layer_horizon": ProbeSpec(layer_horizon_mod.layer_horizon, layer_horizon_mod.Options,
                                unsupported=layer_horizon_mod.unsupported),
     "cleanup": ProbeSpec(cleanup_mod.cleanup, cleanup_mod.Options, unsupported=cleanup_mod.unsupported),
+    "sublayer_ablation": ProbeSpec(sublayer_ablation_mod.sublayer_ablation, sublayer_ablation_mod.Options,
+                                   unsupported=sublayer_ablation_mod.unsupported),
+    "logit_lens": ProbeSpec(logit_lens_mod.logit_lens, logit_lens_mod.Options, unsupported=logit_lens_mod.unsupported),
 }
 
 PROBE_NAMES = tuple(PROBES)

@@ -18,6 +18,18 @@ padding. The growth of the stream is then summarised on ``resid_post`` in three 
 
 For plotting the BOS and padding "U-shapes" the probe also keeps the per-position ``resid_post`` norms of
 one prompt, *all* positions included (position 0 and padding too).
+
+Centring (``centered=True``). The write-up measured with TransformerLens' default weight processing,
+whose ``center_writing_weights`` makes every vector written to the residual stream (embeddings, every
+W_O, b_O, W_out, b_out) mean-zero over d_model, so the stream it sees is the mean-centred one,
+``C(x) = x - mean_d(x) 1`` (equal to the processed model's stream exactly: centring is linear). The
+option adds, under distinct keys,
+
+    centered_norm_h[l] = mean over real positions of ||x_h[l][b, p, :] - mean_d(x_h[l][b, p, :])||_2
+
+as ``resid_norm_centered/<hook>``, and the same three growth summaries of the centred resid_post as
+``growth_rate_centered`` (``/log_slope``, ``/log_slope_se``, ``/two_point``). The raw stream stays the
+default and keeps its keys.
 """
 
 from __future__ import annotations
@@ -29,7 +41,14 @@ from typing import List, Optional, Sequence
 import torch
 
 from residual_dynamics.probes.arch import Arch
-from residual_dynamics.probes.common import Record, check_int, check_layer_pair, position_mask, raise_if_unsupported
+from residual_dynamics.probes.common import (
+    Record,
+    check_bool,
+    check_int,
+    check_layer_pair,
+    position_mask,
+    raise_if_unsupported,
+)
 from residual_dynamics.probes.forward import ActivationPass, run_activation_passes
 
 # Hook kinds measured, in the order they are reported. ``resid_mid`` / ``mlp_out`` are absent on
@@ -44,17 +63,20 @@ class Options:
     fit_layers:   inclusive layer range [a, b] of the log-linear fit; null = all layers.
     two_point:    layers [a, b] of the two-point estimate; null = the ends of ``fit_layers``.
     prompt_index: the prompt whose per-position norms are kept.
+    centered:     also report the norms of the mean-centred stream (``resid_norm_centered/...``).
     """
 
     fit_layers: Optional[List[int]] = None
     two_point: Optional[List[int]] = None
     prompt_index: int = 0
+    centered: bool = False
 
     def check(self, arch: Arch) -> None:
         """Raise ConfigError(<option>, message) for a bad value; runs no probe."""
         check_layer_pair(self.fit_layers, "fit_layers", arch.n_layers)
         check_layer_pair(self.two_point, "two_point", arch.n_layers)
         check_int(self.prompt_index, "prompt_index", minimum=0)
+        check_bool(self.centered, "centered")
 
 
 def unsupported(arch: Arch) -> Optional[str]:
@@ -84,6 +106,7 @@ class ResidualNorms:
                       including position 0 and padding.
     prompt_index:     which prompt of the batch ``position_norms`` belongs to.
     n_positions:      number of (prompt, position) pairs the means are over.
+    centered:         with ``centered=True``: a :class:`CenteredNorms` of the mean-centred stream, else None.
     """
 
     norms: dict[str, torch.Tensor]
@@ -97,6 +120,7 @@ class ResidualNorms:
     position_norms: torch.Tensor
     prompt_index: int
     n_positions: int
+    centered: Optional["CenteredNorms"] = None
 
     def records(self) -> list[Record]:
         rows = [
@@ -112,6 +136,38 @@ class ResidualNorms:
             Record("growth_rate/log_slope", float(self.log_slope)),
             Record("growth_rate/log_slope_se", float(self.log_slope_se)),
             Record("growth_rate/two_point", float(self.two_point)),
+        ]
+        if self.centered is not None:
+            rows += self.centered.records()
+        return rows
+
+
+@dataclass
+class CenteredNorms:
+    """The norms of the mean-centred stream (``centered=True``; see the module doc), float32 on the host.
+
+    norms:  hook kind -> [n_layers] mean L2 norm of ``x - mean_d(x)`` over real positions.
+    log_slope, log_slope_se, growth_rate, two_point: the growth summaries of the centred resid_post, over
+            the same layer ranges as the raw ones.
+    """
+
+    norms: dict[str, torch.Tensor]
+    log_slope: torch.Tensor
+    log_slope_se: torch.Tensor
+    growth_rate: torch.Tensor
+    two_point: torch.Tensor
+
+    def records(self) -> list[Record]:
+        rows = [
+            Record(f"resid_norm_centered/{kind}", float(value), layer=layer)
+            for kind, per_layer in self.norms.items()
+            for layer, value in enumerate(per_layer.tolist())
+        ]
+        rows += [
+            Record("growth_rate_centered", float(self.growth_rate)),
+            Record("growth_rate_centered/log_slope", float(self.log_slope)),
+            Record("growth_rate_centered/log_slope_se", float(self.log_slope_se)),
+            Record("growth_rate_centered/two_point", float(self.two_point)),
         ]
         return rows
 
@@ -156,6 +212,7 @@ def residual_norms_pass(
     fit_layers: Optional[Sequence[int]] = None,
     two_point: Optional[Sequence[int]] = None,
     prompt_index: int = 0,
+    centered: bool = False,
     arch: Optional[Arch] = None,
 ) -> ActivationPass:
     """The hooks and the finalize step of :func:`residual_norms` (same arguments), for a forward shared
@@ -173,6 +230,7 @@ def residual_norms_pass(
 
     # Device-side accumulators, filled by the hooks and moved to the host once at the end.
     norm_sums: dict[str, list[Optional[torch.Tensor]]] = {kind: [None] * count for kind in kinds}
+    centered_sums: dict[str, list[Optional[torch.Tensor]]] = {kind: [None] * count for kind in kinds}
     position_rows: list[Optional[torch.Tensor]] = [None] * count
 
     def make_hook(kind: str, layer: int):
@@ -183,6 +241,10 @@ def residual_norms_pass(
             real = mask.to(token_norms.device)
             # torch.where, not a product: an inf at position 0 or in padding must not leak in as NaN.
             norm_sums[kind][layer] = torch.where(real, token_norms, 0.0).sum()
+            if centered:
+                wide = activation.to(stat_dtype)
+                centered_norms = torch.linalg.vector_norm(wide - wide.mean(dim=-1, keepdim=True), dim=-1)
+                centered_sums[kind][layer] = torch.where(real, centered_norms, 0.0).sum()
             if kind == "resid_post":
                 position_rows[layer] = token_norms[prompt_index]
 
@@ -197,13 +259,19 @@ def residual_norms_pass(
 
         post = norms["resid_post"].double()
         previous = torch.cat([norms["resid_pre"][:1].double(), post[:-1]])
-        slope, slope_se = math.nan, math.nan
-        if fit is not None:
-            slope, slope_se = log_linear_fit(post[fit[0] : fit[1] + 1])
-        two_point_rate = math.nan
-        if ends is not None:
-            a, b = ends
-            two_point_rate = float(post[b] / post[a]) ** (1.0 / (b - a))
+        slope, slope_se, two_point_rate = growth(post)
+        centered_result = None
+        if centered:
+            centered_means = (torch.stack([torch.stack(centered_sums[kind]) for kind in kinds]) / n_positions).float().cpu()
+            centered_norms = dict(zip(kinds, centered_means))
+            c_slope, c_slope_se, c_two_point = growth(centered_norms["resid_post"].double())
+            centered_result = CenteredNorms(
+                norms=centered_norms,
+                log_slope=_scalar(c_slope),
+                log_slope_se=_scalar(c_slope_se),
+                growth_rate=_scalar(math.exp(c_slope)),
+                two_point=_scalar(c_two_point),
+            )
         return ResidualNorms(
             norms=norms,
             ratio=(post / previous).float(),
@@ -216,7 +284,19 @@ def residual_norms_pass(
             position_norms=position_norms,
             prompt_index=prompt_index,
             n_positions=n_positions,
+            centered=centered_result,
         )
+
+    def growth(post: torch.Tensor) -> tuple[float, float, float]:
+        """(log-slope, its standard error, two-point rate) of per-layer norms ``post``."""
+        slope, slope_se = math.nan, math.nan
+        if fit is not None:
+            slope, slope_se = log_linear_fit(post[fit[0] : fit[1] + 1])
+        two_point_rate = math.nan
+        if ends is not None:
+            a, b = ends
+            two_point_rate = float(post[b] / post[a]) ** (1.0 / (b - a))
+        return slope, slope_se, two_point_rate
 
     hooks = [(arch.hook(kind, layer), make_hook(kind, layer)) for kind in kinds for layer in range(count)]
     return ActivationPass(hooks=hooks, finalize=finalize, name="residual_norms")
@@ -231,6 +311,7 @@ def residual_norms(
     fit_layers: Optional[Sequence[int]] = None,
     two_point: Optional[Sequence[int]] = None,
     prompt_index: int = 0,
+    centered: bool = False,
     arch: Optional[Arch] = None,
 ) -> ResidualNorms:
     """Mean residual-stream norms per layer and hook, and the growth rate of resid_post.
@@ -241,6 +322,7 @@ def residual_norms(
     fit_layers:     inclusive layer range (a, b) of the log-linear fit; default all layers.
     two_point:      layers (a, b) of the two-point estimate; default the ends of ``fit_layers``.
     prompt_index:   the prompt whose per-position norms are kept.
+    centered:       also measure the mean-centred stream (``result.centered``; see the module doc).
     arch:           the model's :class:`~residual_dynamics.probes.arch.Arch` (built from the bridge if
                     not given).
 
@@ -250,6 +332,6 @@ def residual_norms(
     """
     activation_pass = residual_norms_pass(
         bridge, tokens, attention_mask=attention_mask, fit_layers=fit_layers, two_point=two_point,
-        prompt_index=prompt_index, arch=arch,
+        prompt_index=prompt_index, centered=centered, arch=arch,
     )
     return run_activation_passes(bridge, tokens, [activation_pass], attention_mask=attention_mask)[0]

@@ -26,6 +26,27 @@ weights"). With ``fold_ln=True`` the probe reports those too, under ``<name>_fol
 ``W_gate_folded`` use ``diag(ln2.w) @ W``. Only the gain is folded: unlike TransformerLens'
 ``fold_ln`` the reading weights are not centred, and writing weights are never centred. A model whose
 norm layers have no gain (LNPre, RMSPre, no norm) gets folded values equal to the raw ones.
+
+The write-up's numbers themselves come from TransformerLens' default weight processing (``fold_ln`` plus
+``center_writing_weights``, and ``fold_value_biases``; ``HookedTransformer.from_pretrained`` /
+``TransformerBridge.enable_compatibility_mode``). With ``tl_process=True`` the probe reports the norms of
+those processed weights under ``<name>_tlproc``, computed here from the raw weights without touching the
+model. With ``C`` the centring over d_model (``W - mean over the d_model axis``), applied only where
+TransformerLens applies it -- LayerNorm-family models (LN, LNPre); RMS / RMSPre models get the gains
+folded and nothing centred, models without a norm nothing at all -- and ``g`` the gain (``1 + w`` for
+offset norms):
+
+* reading weights: ``W_Q_tlproc``, ``W_K_tlproc``, ``W_V_tlproc`` = ``||C(diag(g_ln1) W)||_F``,
+  ``W_in_tlproc``, ``W_gate_tlproc`` with ``g_ln2`` (``fold_ln``: gain folded, then centred);
+* writing weights: ``W_O_tlproc``, ``W_out_tlproc`` = ``||C(W)||_F`` over their output axis
+  (``center_writing_weights``);
+* ``W_OV_tlproc[l, h] = ||W_V_tlproc[g(h)] W_O_tlproc[h]||_F``;
+* ``b_O_tlproc[l] = ||C(b_O + sum_h (b_V[g(h)] + beta_ln1 W_V[g(h)]) W_O[h])||_2`` (``fold_value_biases``,
+  after the LayerNorm bias ``beta_ln1`` is folded into ``b_V``); absent for bias-free attention outputs.
+
+``tests/test_probe_weight_norms.py`` checks them against TransformerLens' own ``process_weights`` on
+random GPT-2 and Llama models. The three families never share a key: raw ``W_OV``, gain-folded
+``W_OV_folded``, TransformerLens-processed ``W_OV_tlproc``.
 """
 
 from __future__ import annotations
@@ -43,14 +64,18 @@ from residual_dynamics.probes.common import Record, check_bool, raise_if_unsuppo
 class Options:
     """The keyword options of :func:`weight_norms` (the ``probes.weight_norms`` config section).
 
-    fold_ln: also report the ``*_folded`` norms (norm gains folded into the reading weights).
+    fold_ln:    also report the ``*_folded`` norms (norm gains folded into the reading weights).
+    tl_process: also report the ``*_tlproc`` norms (TransformerLens' fold_ln + center_writing_weights +
+                fold_value_biases, as the write-up measured them).
     """
 
     fold_ln: bool = False
+    tl_process: bool = False
 
     def check(self, arch: Arch) -> None:
         """Raise ConfigError(<option>, message) for a bad value; runs no probe."""
         check_bool(self.fold_ln, "fold_ln")
+        check_bool(self.tl_process, "tl_process")
 
 
 def unsupported(arch: Arch) -> Optional[str]:
@@ -64,7 +89,8 @@ class WeightNorms:
 
     Per query head [n_layers, n_heads]: W_OV, W_Q, W_O.  Per key/value head [n_layers, n_kv_heads]: W_K, W_V.
     Per layer [n_layers]: b_O, W_in, W_out, W_gate, ln1_gain, ln2_gain.  Scalar: ln_final_gain.
-    ``*_folded`` fields hold the same norms with the norm gain folded in (only with ``fold_ln=True``).
+    ``*_folded`` fields hold the same norms with the norm gain folded in (only with ``fold_ln=True``),
+    ``*_tlproc`` fields those of TransformerLens-processed weights (only with ``tl_process=True``).
     A field is None when the model lacks the weight (no MLP, no gate, no output bias, no learned gain) or
     when it was not asked for.
     """
@@ -87,6 +113,15 @@ class WeightNorms:
     W_V_folded: Optional[torch.Tensor] = None
     W_in_folded: Optional[torch.Tensor] = None
     W_gate_folded: Optional[torch.Tensor] = None
+    W_OV_tlproc: Optional[torch.Tensor] = None
+    W_Q_tlproc: Optional[torch.Tensor] = None
+    W_K_tlproc: Optional[torch.Tensor] = None
+    W_V_tlproc: Optional[torch.Tensor] = None
+    W_O_tlproc: Optional[torch.Tensor] = None
+    b_O_tlproc: Optional[torch.Tensor] = None
+    W_in_tlproc: Optional[torch.Tensor] = None
+    W_out_tlproc: Optional[torch.Tensor] = None
+    W_gate_tlproc: Optional[torch.Tensor] = None
 
     def records(self) -> list[Record]:
         """Per-head fields give one row per (layer, head) plus a per-layer total, except W_OV whose
@@ -153,6 +188,7 @@ def weight_norms(
     tokens: Optional[torch.Tensor] = None,
     *,
     fold_ln: bool = False,
+    tl_process: bool = False,
     attention_mask: Optional[torch.Tensor] = None,
     arch: Optional[Arch] = None,
 ) -> WeightNorms:
@@ -160,7 +196,8 @@ def weight_norms(
 
     ``tokens`` and ``attention_mask`` are ignored (weights need no input); they are there so every probe
     can be called as ``probe(bridge, tokens, attention_mask=...)``. ``fold_ln=True`` adds the ``*_folded``
-    variants (norm gains folded into the weights that read the normalised stream). ``arch``: the model's
+    variants (norm gains folded into the weights that read the normalised stream), ``tl_process=True`` the
+    ``*_tlproc`` ones (TransformerLens' weight processing, see the module doc). ``arch``: the model's
     :class:`~residual_dynamics.probes.arch.Arch` (built from the bridge if not given).
     """
     del tokens, attention_mask
@@ -207,9 +244,82 @@ def weight_norms(
         result.W_V_folded = _frobenius(W_V_folded)
         result.W_in_folded = _frobenius(_row_scaled(W_in, ln2_gain))
         result.W_gate_folded = _frobenius(_row_scaled(W_gate, ln2_gain))
+    if tl_process:
+        _tl_processed_norms(bridge, arch, blocks, result, W_Q, W_K, W_V, W_O, W_in, W_gate)
 
     for field in fields(result):
         value = getattr(result, field.name)
         if value is not None:
             setattr(result, field.name, value.float().cpu())
     return result
+
+
+def _offset_gains(blocks, name: str) -> Optional[torch.Tensor]:
+    """[n_layers, d_model] effective gains of ``block.<name>`` (``1 + w`` for offset norms), or None."""
+    gains = []
+    for block in blocks:
+        norm = getattr(block, name, None)
+        gain = _gain(norm)
+        if gain is None:
+            return None
+        gains.append(1.0 + gain if getattr(norm, "uses_weight_offset", False) else gain)
+    return torch.stack(gains)
+
+
+def _stacked_biases(blocks, name: str) -> Optional[torch.Tensor]:
+    """[n_layers, d_model] biases of the norm layers ``block.<name>``, or None if any has none."""
+    biases = []
+    for block in blocks:
+        bias = getattr(getattr(block, name, None), "bias", None)
+        if not isinstance(bias, torch.Tensor):
+            return None
+        biases.append(_stat(bias))
+    return torch.stack(biases)
+
+
+def _centred(weight: Optional[torch.Tensor], dim: int, centre: bool) -> Optional[torch.Tensor]:
+    """``weight`` minus its mean over ``dim`` (the d_model axis) when ``centre``."""
+    if weight is None or not centre:
+        return weight
+    return weight - weight.mean(dim=dim, keepdim=True)
+
+
+def _tl_processed_norms(bridge, arch: Arch, blocks, result: WeightNorms, W_Q, W_K, W_V, W_O, W_in, W_gate) -> None:
+    """Fill the ``*_tlproc`` fields of ``result`` (see the module doc): TransformerLens' processing
+    (``ProcessWeights.process_weights`` with fold_ln, center_writing_weights, fold_value_biases) redone on
+    copies of the raw weights; the bridge is not modified."""
+    centre = arch.norm in ("LN", "LNPre")  # TransformerLens centres only LayerNorm-family models
+    ln1 = _offset_gains(blocks, "ln1")
+    ln2 = _offset_gains(blocks, "ln2") if arch.has_mlp else None
+    if ln2 is None and arch.has_mlp and arch.parallel:  # parallel blocks with one shared norm (GPT-J)
+        ln2 = ln1
+    head_gain = None if ln1 is None else ln1[:, None, :]
+
+    def reading(weight, gain):  # [L, (H,) d_model, n]: gain folded into the d_model rows, then centred
+        return _centred(_row_scaled(weight, gain), -2, centre)
+
+    W_V_t = reading(W_V, head_gain)
+    W_O_t = _centred(W_O, -1, centre)  # [L, H, d_head, d_model]
+    result.W_OV_tlproc = _ov_norms(W_V_t, W_O_t)
+    result.W_Q_tlproc = _frobenius(reading(W_Q, head_gain))
+    result.W_K_tlproc = _frobenius(reading(W_K, head_gain))
+    result.W_V_tlproc = _frobenius(W_V_t)
+    result.W_O_tlproc = _frobenius(W_O_t)
+    if arch.has_mlp:
+        result.W_in_tlproc = _frobenius(reading(W_in, ln2))
+        result.W_gate_tlproc = _frobenius(reading(W_gate, ln2))
+        result.W_out_tlproc = _frobenius(_centred(_stat(bridge.W_out), -1, centre))
+    try:
+        b_O = _stat(bridge.b_O)  # [L, d_model]
+    except AttributeError:  # bias-free attention output: no b_O to report
+        return
+    try:
+        b_V = _stat(bridge.b_V)  # [L, kv, d_head]
+    except AttributeError:
+        b_V = torch.zeros(W_V.shape[0], W_V.shape[1], W_V.shape[-1], dtype=W_V.dtype, device=W_V.device)
+    ln1_bias = _stacked_biases(blocks, "ln1") if arch.norm == "LN" else None
+    if ln1_bias is not None:  # fold_ln folds the LayerNorm bias into b_V through the raw W_V
+        b_V = b_V + torch.einsum("lm,lkmd->lkd", ln1_bias.to(W_V), W_V)
+    group = W_O.shape[1] // W_V.shape[1]
+    value_bias = torch.einsum("lhd,lhdm->lm", b_V.repeat_interleave(group, dim=1).to(W_O), W_O)
+    result.b_O_tlproc = torch.linalg.vector_norm(_centred(b_O + value_bias, -1, centre), dim=-1)

@@ -5,6 +5,8 @@
 - ``layer_step_heatmap``: the same norms as a layer x step image.
 - ``growth_curve``: a single model's norms against layer with its fitted growth factor (pretrained runs).
 - ``head_norms``: per-head W_OV Frobenius norms against layer.
+- ``ablation_heatmap``: the sublayer-ablation loss increase as layer x step images (attention, MLP).
+- ``logit_lens_heatmap``: the logit lens's KL to the final distribution and loss as layer x step images.
 Every function writes atomically (temp file + rename) and returns the path.
 """
 
@@ -139,3 +141,64 @@ def head_norms(rows: Iterable[Mapping], path, name: str = "W_OV", title: str = "
     ax.set_title(title or f"{name} Frobenius norm per head")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _grid(series: Mapping[int, Mapping[int, float]], steps: list[int], n_layers: int) -> np.ndarray:
+    """[n_layers, len(steps)] array of ``series[step][layer]`` (NaN where missing)."""
+    grid = np.full((n_layers, len(steps)), np.nan)
+    for j, step in enumerate(steps):
+        for layer, value in series.get(step, {}).items():
+            grid[layer, j] = value
+    return grid
+
+
+def _heatmaps(panels: list[tuple[str, dict[int, dict[int, float]], str, Optional[float]]], path, title: str,
+              shared_scale: bool = False):
+    """Side-by-side layer x step images, one per (panel title, {step: {layer: value}}, colormap, vmin);
+    ``shared_scale``: one colour scale for all panels (values in the same unit, to compare)."""
+    steps = sorted({step for _, series, _, _ in panels for step in series})
+    values = [v for _, series, _, _ in panels for per_step in series.values() for v in per_step.values()]
+    vmax = max(values) if shared_scale and values else None
+    n_layers = 1 + max(layer for _, series, _, _ in panels for values in series.values() for layer in values)
+    width = max(4.0, 0.35 * len(steps) + 2.5)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 0.3 * n_layers + 2.6), squeeze=False,
+                             layout="constrained")
+    for ax, (name, series, cmap, vmin) in zip(axes[0], panels):
+        if shared_scale and values:
+            vmin = min(values) if vmin is None else vmin
+        im = ax.imshow(_grid(series, steps, n_layers), aspect="auto", origin="lower", cmap=cmap, vmin=vmin,
+                       vmax=vmax, interpolation="nearest")
+        ax.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=90, fontsize=7)
+        ax.set_xlabel("step")
+        ax.set_yticks(range(n_layers))
+        ax.set_ylabel("layer")
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(im, ax=ax)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def ablation_heatmap(rows: Iterable[Mapping], path, title: str = "") -> Optional[Path]:
+    """Loss increase (nats) when each sublayer is ablated, layer x step, one panel per sublayer kind
+    (``ablation/<mode>/attn`` and ``ablation/<mode>/mlp`` records of the sublayer_ablation probe)."""
+    rows = list(rows)
+    names = sorted({row["name"] for row in rows if row["name"].startswith("ablation/")
+                    and row["name"].rsplit("/", 1)[-1] in ("attn", "mlp")})
+    panels = [(f"{name.split('/')[2]}: loss increase ({name.split('/')[1]}-ablated)", _series(rows, name),
+               "viridis", None) for name in names]
+    panels = [panel for panel in panels if panel[1]]
+    if not panels:
+        return None
+    return _heatmaps(panels, path, title or "Sublayer ablation: loss increase (nats) by layer and step",
+                     shared_scale=True)
+
+
+def logit_lens_heatmap(rows: Iterable[Mapping], path, title: str = "") -> Optional[Path]:
+    """KL(final || lens) and loss of each layer's decoded resid_post, layer x step (logit_lens records)."""
+    rows = list(rows)
+    panels = [("KL to the final distribution (nats)", _series(rows, "logit_lens/kl"), "magma_r", 0.0),
+              ("next-token loss of the lens (nats)", _series(rows, "logit_lens/loss"), "magma_r", None)]
+    panels = [panel for panel in panels if panel[1]]
+    if not panels:
+        return None
+    return _heatmaps(panels, path, title or "Logit lens by layer and step")

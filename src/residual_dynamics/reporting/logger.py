@@ -59,8 +59,12 @@ class LoggerConfig:
 
     kind:     wandb | csv | none.
     mode:     W&B mode, auto | online | offline | disabled (see the module doc).
-    detail:   how much probe detail becomes W&B scalar keys: summary | layer (default) | head. The results
-              file always keeps everything.
+    detail:   how much probe detail becomes W&B scalar keys (``reporting.results.scalar_detail``):
+              summary = model-level scalars only (``growth_rate``, ``horizon/k_eff``, ...); layer (default)
+              = these + the residual norm after each layer (``resid_norm/resid_post/Lxx``); head = every
+              record (per layer, per head, per clean-up node). Whatever the detail, the per-layer / head /
+              node records also go into one W&B table per probe family, and the results file keeps
+              everything.
     """
 
     kind: str = "wandb"

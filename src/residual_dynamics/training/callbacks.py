@@ -9,6 +9,7 @@ rank 0 probes. Hooks exist only inside the probe calls, so training steps carry 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -18,7 +19,10 @@ import torch
 
 from residual_dynamics.training.convert import to_transformer_lens
 from residual_dynamics.probes.registry import run_probes
+from residual_dynamics.reporting.provenance import weight_fingerprint
 from residual_dynamics.reporting.reporter import ProbeReporter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,10 @@ class ProbeCallback(L.Callback):
         self.steps = set(schedule.steps)
         self.reporter = reporter
         self.early = set(probes) if early is None else set(early)
-        self.seconds = 0.0  # wall time spent probing, for the overhead benchmark
+        self.seconds = 0.0  # wall time spent probing in this session, for the overhead benchmark
+        self._earlier_seconds = 0.0  # probe time of the sessions before a resume (from the checkpoint)
         self._done: set[int] = set()
+        self._fingerprints: dict[str, int] = {}  # weight fingerprint -> first step probed with it
 
     def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule, last: bool = False) -> None:
         step = trainer.global_step
@@ -80,7 +86,12 @@ class ProbeCallback(L.Callback):
         start = time.perf_counter()
         bridge = to_transformer_lens(pl_module.model)
         results = run_probes(bridge, self.tokens.to(pl_module.device), probes)
-        self.reporter.report(results, step, draw=full)
+        fingerprint = weight_fingerprint(bridge)  # which weights these rows describe (reporting.provenance)
+        if fingerprint in self._fingerprints:
+            log.warning("step %d: the weights are identical to those of step %d (fingerprint %s): training "
+                        "did not change them", step, self._fingerprints[fingerprint], fingerprint[:16])
+        self._fingerprints.setdefault(fingerprint, step)
+        self.reporter.report(results, step, draw=full, provenance={"weights_sha256": fingerprint})
         self._done.add(step)
         self.seconds += time.perf_counter() - start
 
@@ -97,7 +108,14 @@ class ProbeCallback(L.Callback):
             self._probe(trainer, pl_module, last=True)
 
     def state_dict(self) -> dict:
-        return {"seconds": self.seconds}
+        # the probe time of every session so far; ``seconds`` stays this session's (it is compared with this
+        # session's trainer.fit time: a resumed run must not count the earlier sessions' probes against it)
+        return {"seconds": self._earlier_seconds + self.seconds}
 
     def load_state_dict(self, state: dict) -> None:
-        self.seconds = float(state.get("seconds", 0.0))
+        self._earlier_seconds = float(state.get("seconds", 0.0))
+
+    @property
+    def total_seconds(self) -> float:
+        """Probe time over every session of the run (this one included)."""
+        return self._earlier_seconds + self.seconds

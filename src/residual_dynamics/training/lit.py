@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Optional
 
 import lightning as L
 import torch
@@ -13,12 +14,16 @@ from residual_dynamics.training.optim import OptimConfig, build_optimizer, build
 
 class LitTransformer(L.LightningModule):
     """Takes the typed ``ModelConfig`` and ``OptimConfig``; saves them in checkpoints with ``asdict``
-    (``hyper_parameters["model"]``, ``["optim"]``), so a checkpoint describes its model without code."""
+    (``hyper_parameters["model"]``, ``["optim"]``), so a checkpoint describes its model without code, and
+    the fingerprint of the tokenizer the model is trained with (``["data"]["tokenizer_fingerprint"]``,
+    :func:`residual_dynamics.data.tokenizer.tokenizer_fingerprint`), so a resume with another tokenizer is
+    refused."""
 
-    def __init__(self, model: ModelConfig, optim: OptimConfig, max_steps: int, compile: bool = False):
+    def __init__(self, model: ModelConfig, optim: OptimConfig, max_steps: int, compile: bool = False,
+                 tokenizer_fingerprint: Optional[str] = None):
         super().__init__()
         self.save_hyperparameters({"model": asdict(model), "optim": asdict(optim), "max_steps": max_steps,
-                                   "compile": compile})
+                                   "compile": compile, "data": {"tokenizer_fingerprint": tokenizer_fingerprint}})
         self.model = Transformer(model)
         self.optim_cfg = optim
         self.max_steps = max_steps
@@ -27,9 +32,18 @@ class LitTransformer(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self._forward_loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if self._logging_step():
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
+
+    def _logging_step(self) -> bool:
+        """Whether Lightning sends this step's metrics to the loggers: every ``log_every_n_steps``-th optimizer
+        step (its own rule: ``(steps done + 1) % log_every_n_steps == 0``). ``self.log`` costs ~1 ms a call on
+        CPU, so the other steps skip it; the loggers receive exactly the same values, and the progress bar
+        shows the loss of the latest logging step."""
+        every = self.trainer.log_every_n_steps
+        return every > 0 and (self.global_step + 1) % every == 0
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self.log("val/loss", self.model.loss(batch), prog_bar=True, sync_dist=True)

@@ -114,25 +114,34 @@ def _activation(name: str):
 
 
 class Norm(nn.Module):
-    """LN / LNPre (no parameters) / RMS / RMSPre (no parameters). Statistics in float32."""
+    """LN / LNPre (no parameters) / RMS / RMSPre (no parameters), over the last dimension, in float32.
+
+    LN:  ``(x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps) * weight + bias`` (``F.layer_norm``: the
+         biased variance, as TransformerLens' LayerNorm / ``nn.LayerNorm``); LNPre without weight and bias.
+    RMS: ``x / sqrt(mean(x^2) + eps) * weight`` (``F.rms_norm``, TransformerLens' RMSNorm); RMSPre
+         without weight.
+    Fused kernels, one call each. Inputs of another dtype are normalised in float32 and cast back.
+    """
 
     def __init__(self, kind: str, d: int, eps: float):
         super().__init__()
-        self.kind, self.eps = kind, eps
+        self.kind, self.eps, self.shape = kind, eps, (d,)
         self.weight = nn.Parameter(torch.ones(d)) if kind in ("LN", "RMS") else None
         self.bias = nn.Parameter(torch.zeros(d)) if kind == "LN" else None
+        self._layer_norm = kind in ("LN", "LNPre")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
         dtype = x.dtype
-        x = x.float()
-        if self.kind in ("LN", "LNPre"):
-            x = x - x.mean(dim=-1, keepdim=True)
-        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            x = x * self.weight.float()
-        if self.bias is not None:
-            x = x + self.bias.float()
-        return x.to(dtype)
+        if dtype != torch.float32:
+            x = x.float()
+            weight = None if weight is None else weight.float()
+            bias = None if bias is None else bias.float()
+        if self._layer_norm:
+            out = F.layer_norm(x, self.shape, weight, bias, self.eps)
+        else:
+            out = F.rms_norm(x, self.shape, weight, self.eps)
+        return out if out.dtype == dtype else out.to(dtype)
 
 
 def make_norm(kind: str, d: int, eps: float) -> nn.Module:

@@ -1,0 +1,1 @@
+"""residual-dynamics' launchers for Hydra (see :mod:`.launchers`)."""

@@ -1,0 +1,222 @@
+"""Sublayer ablation: how much the loss rises when one sublayer's output is replaced by its mean, or by 0.
+
+Motivation (reader comments on "Residual stream norms grow exponentially over the forward pass", the
+"circuit economics" comment): "I'd predict that neural networks originally start by having valuable
+circuits in many layers but then transition to maintain circuits earlier in the network which are
+valuable to many downstream circuits and circuits later in the network which make the best use of
+earlier circuits." The "usefulness" of a sublayer is measured here as the loss it saves: run at
+checkpoints, the probe gives a layer x step heatmap of it.
+
+Definition. Sublayers are numbered in forward order (attn_0, mlp_0, attn_1, ...; attention-only models:
+attn_0, attn_1, ...; ``Arch.sublayers``); ``o_s`` is what sublayer s writes to the residual stream
+(``hook_attn_out`` / ``hook_mlp_out``). The *real* positions R are those of ``position_mask`` (p >= 1,
+not padding). Ablating s replaces ``o_s[b, p]`` at every (b, p) in R by
+
+    mode="mean":  m_s = mean over (b', p') in R of the clean o_s[b', p']   (the probe batch's mean)
+    mode="zero":  0
+
+and leaves position 0 and padding as they are (the mean is taken over the positions it replaces; the
+attention sink at position 0 keeps its clean value). Every later sublayer then reads the modified
+stream. With ``loss`` the mean next-token cross-entropy (nats) over the scored predictions (p >= 1 with
+p and p + 1 real; see ``logit_lens.scored_predictions``),
+
+    loss_increase[s] = loss(s ablated) - loss(clean)
+
+Batching: one clean forward (the loss and, for the mean mode, the means m_s, reduced on the device in
+the hooks), then the batch repeated once per sublayer of a chunk, copy c ablating sublayer chunk[c]
+through its own output hook; each copy's loss is computed in a hook on the last block's ``resid_post``
+(decoded through the final norm and the unembedding one copy at a time, so no more than one
+[batch, pos, d_vocab] tensor is alive), and the forward stops there. A chunk costs about one forward of
+``len(chunk)`` times the batch; ``max_batch`` bounds the rows per forward (default: all sublayers in one
+forward on an accelerator, one sublayer per forward on CPU, where a bigger batch is slower per token).
+
+Records: ``ablation/loss_clean``; ``ablation/<mode>/attn`` and ``ablation/<mode>/mlp`` per layer (the
+loss increase; the mode is in the name so that mean- and zero-ablation numbers never mix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from residual_dynamics.probes.arch import Arch, Sublayer
+from residual_dynamics.probes.common import Record, check_choice, check_int, position_mask, raise_if_unsupported
+from residual_dynamics.probes.logit_lens import (
+    decode,
+    loss_of,
+    scored_log_probs,
+    scored_predictions,
+    stop_forward,
+    targets_of,
+)
+
+MODES = ("mean", "zero")
+
+
+@dataclass
+class Options:
+    """The keyword options of :func:`sublayer_ablation` (the ``probes.sublayer_ablation`` section).
+
+    mode:      "mean" (replace by the probe batch's mean over real positions) or "zero".
+    max_batch: most rows per ablation forward (>= 1); null = the default of :func:`sublayer_ablation`.
+    """
+
+    mode: str = "mean"
+    max_batch: Optional[int] = None
+
+    def check(self, arch: Arch) -> None:
+        """Raise ConfigError(<option>, message) for a bad value; runs no probe."""
+        check_choice(self.mode, "mode", MODES)
+        check_int(self.max_batch, "max_batch", minimum=1, optional=True)
+
+
+def unsupported(arch: Arch) -> Optional[str]:
+    """Why :func:`sublayer_ablation` cannot run on ``arch``, or None."""
+    kinds = ["resid_post", "attn_out", "ln_final_in", "unembed_in"] + (["mlp_out"] if arch.has_mlp else [])
+    missing = arch.missing(*kinds)
+    if missing:
+        return f"sublayer_ablation: the bridge has no hook points {missing}"
+    return None
+
+
+@dataclass
+class SublayerAblation:
+    """Result of :func:`sublayer_ablation` (host tensors, float64).
+
+    kinds, layers:  the sublayers in forward order ("attn" / "mlp", and their block).
+    loss:           [n_sublayers] loss with that sublayer ablated.
+    loss_clean:     [] loss of the unmodified model on the same predictions.
+    loss_increase:  [n_sublayers] loss - loss_clean.
+    mode:           "mean" or "zero".
+    """
+
+    kinds: list[str]
+    layers: list[int]
+    loss: torch.Tensor
+    loss_clean: torch.Tensor
+    loss_increase: torch.Tensor
+    mode: str
+
+    def of(self, kind: str) -> torch.Tensor:
+        """[n_layers] loss increase of the ``kind`` ("attn" / "mlp") sublayers, by layer."""
+        return torch.stack([v for k, v in zip(self.kinds, self.loss_increase) if k == kind])
+
+    def records(self) -> list[Record]:
+        rows = [Record("ablation/loss_clean", float(self.loss_clean))]
+        rows += [
+            Record(f"ablation/{self.mode}/{kind}", float(increase), layer=layer)
+            for kind, layer, increase in zip(self.kinds, self.layers, self.loss_increase.tolist())
+        ]
+        return rows
+
+
+@torch.no_grad()
+def sublayer_ablation(
+    bridge,
+    tokens: torch.Tensor,
+    *,
+    mode: str = "mean",
+    max_batch: Optional[int] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    arch: Optional[Arch] = None,
+) -> SublayerAblation:
+    """Loss increase of mean- (or zero-) ablating each sublayer; see the module doc.
+
+    tokens:         [batch, pos] token ids.
+    mode:           "mean" or "zero".
+    max_batch:      most rows per ablation forward: the sublayers are ablated ``max(1, max_batch // batch)``
+                    at a time. Default: all at once on an accelerator, one at a time on CPU.
+    attention_mask: optional [batch, pos], 1 = real token (padding on the right).
+    arch:           the model's :class:`~residual_dynamics.probes.arch.Arch` (built from the bridge if not
+                    given). Raises ProbeUnsupported when the bridge lacks the hooks (:func:`unsupported`).
+    """
+    if mode not in MODES:
+        raise ValueError(f"sublayer_ablation: mode must be one of {MODES}, got {mode!r}")
+    arch = Arch.of(bridge) if arch is None else arch
+    raise_if_unsupported(unsupported(arch))
+    plan = list(arch.sublayers)
+    batch = tokens.shape[0]
+    real = position_mask(tokens, attention_mask)
+    scored = scored_predictions(tokens, attention_mask)
+    targets = targets_of(tokens, scored)
+    last_resid = arch.hook("resid_post", arch.n_layers - 1)
+    if max_batch is None:
+        max_batch = batch if tokens.device.type == "cpu" else batch * len(plan)
+    per_forward = max(1, max_batch // batch)
+
+    # Clean pass: the loss (decoded at the last block, like the ablated copies) and the means.
+    sums: list[Optional[torch.Tensor]] = [None] * len(plan)
+    clean: list[torch.Tensor] = []
+
+    def accumulate(index: int):
+        def hook_fn(x: torch.Tensor, hook) -> None:
+            sums[index] = x[real.to(x.device)].sum(0, dtype=torch.promote_types(x.dtype, torch.float32))
+
+        return hook_fn
+
+    def clean_loss(resid: torch.Tensor, hook) -> None:
+        clean.append(loss_of(scored_log_probs(decode(bridge, resid), scored), targets))
+        stop_forward(resid)
+
+    hooks = [(sub.output_hook, accumulate(i)) for i, sub in enumerate(plan)] if mode == "mean" else []
+    hooks.append((last_resid, clean_loss))
+    _run(bridge, tokens, hooks, attention_mask)
+    if mode == "mean" and any(total is None for total in sums):
+        missing = [sub.output_hook for sub, total in zip(plan, sums) if total is None]
+        raise RuntimeError(f"sublayer_ablation: the output hooks {missing} never fired")
+    n_real = int(real.sum())
+    means = [None if total is None else total / n_real for total in sums]
+
+    losses = []
+    for start in range(0, len(plan), per_forward):
+        losses += _ablated_losses(bridge, tokens, plan[start : start + per_forward], means, real, scored,
+                                  targets, last_resid, attention_mask)
+    loss = torch.stack(losses).double().cpu()
+    loss_clean = clean[0].double().cpu()
+    return SublayerAblation(
+        kinds=[sub.kind for sub in plan],
+        layers=[sub.layer for sub in plan],
+        loss=loss,
+        loss_clean=loss_clean,
+        loss_increase=loss - loss_clean,
+        mode=mode,
+    )
+
+
+def _run(bridge, tokens: torch.Tensor, hooks: list, attention_mask: Optional[torch.Tensor]) -> None:
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None, **kwargs)
+
+
+def _ablated_losses(bridge, tokens: torch.Tensor, chunk: list[Sublayer], means: list, real: torch.Tensor,
+                    scored: torch.Tensor, targets: torch.Tensor, last_resid: str,
+                    attention_mask: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    """Losses of one forward over ``len(chunk)`` copies of the batch, copy c ablating ``chunk[c]``."""
+    batch = tokens.shape[0]
+    losses: list[torch.Tensor] = []
+
+    def ablate(copy: int, sub: Sublayer):
+        def hook_fn(x: torch.Tensor, hook) -> torch.Tensor:
+            rows = x[copy * batch : (copy + 1) * batch]
+            where = real.to(x.device)[..., None]
+            replacement = 0.0 if means[sub.index] is None else means[sub.index].to(x.dtype)
+            x = x.clone()
+            x[copy * batch : (copy + 1) * batch] = torch.where(where, replacement, rows)
+            return x
+
+        return hook_fn
+
+    def copy_losses(resid: torch.Tensor, hook) -> None:
+        for copy in range(len(chunk)):
+            rows = resid[copy * batch : (copy + 1) * batch]
+            losses.append(loss_of(scored_log_probs(decode(bridge, rows), scored), targets))
+        stop_forward(resid)
+
+    hooks = [(sub.output_hook, ablate(copy, sub)) for copy, sub in enumerate(chunk)] + [(last_resid, copy_losses)]
+    mask = None if attention_mask is None else attention_mask.repeat(len(chunk), 1)
+    _run(bridge, tokens.repeat(len(chunk), 1), hooks, mask)
+    if len(losses) != len(chunk):
+        raise RuntimeError(f"sublayer_ablation: the hook on {last_resid} never fired")
+    return losses
