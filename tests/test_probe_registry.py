@@ -373,9 +373,9 @@ def test_unsupported_is_decided_by_the_spec_before_the_probe_runs(monkeypatch):
     assert calls == [] and isinstance(result, Unsupported) and result.note == "nope" and result.records() == []
 
 
-def test_parallel_blocks_report_unsupported_probes_instead_of_failing():
-    """GPT-NeoX / Pythia blocks run attention and MLP in parallel: the horizon and clean-up probes say so in
-    their result, the other probes still measure, and the run does not fail."""
+def test_parallel_blocks_run_every_probe():
+    """GPT-NeoX / Pythia: every probe measures (horizon and clean-up with their parallel conventions,
+    checked against the float64 brute force in their own test files), directly or through run_probes."""
     from reference_models import HF_VOCAB
 
     bridge = hf_bridge("neox")[1]
@@ -383,15 +383,11 @@ def test_parallel_blocks_report_unsupported_probes_instead_of_failing():
     tokens = torch.randint(0, HF_VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     probes = options_of({"residual_norms": {}, "weight_norms": {}, "activation_rates": {},
                          "layer_horizon": {"ks": [1, 2]}, "cleanup": {}})
-    arch = Arch.of(bridge)
     results = run_probes(bridge, tokens, probes)
+    for name in probes:
+        assert not isinstance(results[name], Unsupported) and results[name].records(), name
     for name in ("layer_horizon", "cleanup"):
-        assert isinstance(results[name], Unsupported) and "parallel" in results[name].note
-        assert results[name].note == PROBES[name].unsupported(arch)
-        assert results[name].records() == []
-        with pytest.raises(ProbeUnsupported, match="parallel"):  # called directly: the same reason, raised
-            PROBES[name].fn(bridge, tokens, **kwargs_of(probes[name]))
-    names = {record.name for record in results["residual_norms"].records()}
-    assert "resid_norm/resid_post" in names and "growth_rate" in names
-    assert any(record.name == "W_OV" for record in results["weight_norms"].records())
-    assert results["activation_rates"].records()
+        direct = PROBES[name].fn(bridge, tokens, **kwargs_of(probes[name]))
+        assert [(r.name, r.layer, r.head) for r in direct.records()] == \
+               [(r.name, r.layer, r.head) for r in results[name].records()]
+    assert results["cleanup"].point_names == ["resid_pre_0", "resid_post_0", "resid_post_1"]
