@@ -9,8 +9,6 @@ Offline runs land in ``<output dir>/wandb/offline-run-*`` (upload later with ``w
 from __future__ import annotations
 
 import math
-import netrc
-import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -18,36 +16,18 @@ import numpy as np
 import pandas as pd
 
 from residual_dynamics.errors import ConfigError
-
-MODES = ("auto", "online", "offline", "disabled")
-ENV_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline"}
-
-
-def has_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        auth = netrc.netrc().authenticators("api.wandb.ai")
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-    return bool(auth and auth[2])
-
+from residual_dynamics.reporting.logger import has_wandb_credentials as has_credentials  # noqa: F401 (used by pipeline)
+from residual_dynamics.reporting.logger import resolve_wandb_mode
 
 def resolve_mode(mode: str = "auto") -> str:
-    """online / offline / disabled from ``wandb.mode`` and ``WANDB_MODE``; never online without credentials."""
-    field = "wandb.mode"
-    if mode not in MODES:
-        raise ConfigError(field, f"must be one of {', '.join(MODES)}, got {mode!r}")
-    env = os.environ.get("WANDB_MODE")
-    if env:
-        if env not in ENV_MODES:
-            raise ConfigError("WANDB_MODE", f"must be one of {', '.join(ENV_MODES)}, got {env!r}")
-        mode, field = ENV_MODES[env], "WANDB_MODE"
-    if mode == "auto":
-        return "online" if has_credentials() else "offline"
-    if mode == "online" and not has_credentials():
-        raise ConfigError(field, "online needs W&B credentials (wandb login or WANDB_API_KEY); use auto or offline")
-    return mode
+    """online / offline / disabled from ``wandb.mode`` and ``WANDB_MODE``, by the training runs' rule
+    (:func:`residual_dynamics.reporting.logger.resolve_wandb_mode`); errors name ``wandb.mode``."""
+    try:
+        return resolve_wandb_mode(mode)
+    except ConfigError as error:
+        if error.field != "logger.mode":
+            raise
+        raise ConfigError("wandb.mode", str(error)[len("logger.mode: "):]) from None
 
 
 def _plain(value: Any) -> Any:
