@@ -16,6 +16,9 @@ def _offline_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    # an in-process wandb.init publishes its service socket here; a CLI subprocess inheriting it would share
+    # that service, which keeps the run id of a killed subprocess "in use" for a resume
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 

@@ -1,42 +1,17 @@
-"""Read a W&B offline run (``run-<id>.wandb``) back, so tests can assert what was really logged.
-
-The file is W&B's transaction log: a 7-byte header (``:W&B``, magic 0xBEE1, version 0) followed by
-32 KiB blocks of LevelDB-log records (crc32c:4, length:2, type:1, payload), types FULL=1, FIRST=2,
-MIDDLE=3, LAST=4; each reassembled payload is a ``wandb_internal_pb2.Record`` protobuf.
-"""
+"""Read a W&B offline run (``run-<id>.wandb``) back, so tests can assert what was really logged (the
+transaction-log format is read by :mod:`residual_dynamics.reporting.wandb_log`)."""
 
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
-BLOCK = 32 * 1024
-HEADER = 7
+from residual_dynamics.reporting import wandb_log
 
 
 def records(path: Path):
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = Path(path).read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
-    pos, pending = HEADER, b""
-    while pos + HEADER <= len(data):
-        left_in_block = BLOCK - pos % BLOCK
-        if left_in_block < HEADER:  # block trailer padding
-            pos += left_in_block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
-        payload = data[pos + HEADER:pos + HEADER + length]
-        pos += HEADER + length
-        if kind == 0 and length == 0:
-            continue
-        pending += payload
-        if kind in (1, 4):  # FULL or LAST: a record is complete
-            record = pb.Record()
-            record.ParseFromString(pending)
-            yield record
-            pending = b""
+    assert wandb_log.is_transaction_log(path), f"{path} is not a W&B transaction log"
+    yield from wandb_log.records(path)
 
 
 def run_file(run_dir: Path) -> Path:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import pandas as pd
 
 from residual_dynamics.errors import DataError
+from residual_dynamics.reporting import wandb_log
 
 RESULTS_FILE = "results.jsonl"
 CONFIG_FILE = Path(".hydra") / "config.yaml"
@@ -368,34 +368,10 @@ def _missing_jobs(inputs: Sequence[str | Path], dirs: Sequence[Path]) -> list[Ru
 
 
 def _wandb_records(path: Path):
-    """The protobuf records of a W&B transaction log (``run-<id>.wandb``): a 7-byte header, then 32 KiB
-    blocks of LevelDB-log records (crc32c:4, length:2, type:1, payload); FULL=1 / FIRST=2 / MIDDLE=3 / LAST=4."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    block, header = 32 * 1024, 7
-    data = Path(path).read_bytes()
-    if data[:4] != b":W&B":
+    """The records of a W&B transaction log; a file that is not one is a DataError naming it."""
+    if not wandb_log.is_transaction_log(path):
         raise DataError(f"{path} is not a W&B transaction log")
-    pos, pending = header, b""
-    while pos + header <= len(data):
-        left = block - pos % block
-        if left < header:
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + header])
-        payload = data[pos + header:pos + header + length]
-        pos += header + length
-        if kind == 0 and length == 0:
-            continue
-        pending += payload
-        if kind in (1, 4):
-            record = pb.Record()
-            try:
-                record.ParseFromString(pending)
-            except Exception:  # a torn record at the end of a crashed run
-                return
-            yield record
-            pending = b""
+    return wandb_log.records(path)
 
 
 def read_wandb_offline(run_path: Path) -> dict[str, Any]:

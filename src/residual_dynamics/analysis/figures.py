@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -25,18 +24,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from residual_dynamics.analysis import stats  # noqa: E402
+from residual_dynamics.reporting.figures import save_figure as _save  # noqa: E402
 
 FIG_RESAMPLES = 999  # bootstrap resamples behind the bands of the curves / profiles (display only)
-
-
-def _save(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 def _colours(levels: Sequence[Any]) -> dict[Any, Any]:

@@ -35,7 +35,8 @@ def _series(rows: Iterable[Mapping], name: str) -> dict[int, dict[int, float]]:
     return dict(out)
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as a PNG atomically (temporary file, then rename) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
@@ -43,6 +44,9 @@ def _save(fig, path: str | os.PathLike) -> Path:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+_save = save_figure
 
 
 def norm_vs_layer(rows: Iterable[Mapping], path, title: str = "") -> Optional[Path]:

@@ -33,10 +33,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
+
+from residual_dynamics.reporting import wandb_log
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ _RESUMED = "_resumed_from"  # journal header of a session: rows after this step 
 # W&B's transaction log (run-<id>.wandb): a 7-byte header (":W&B", magic, version), then 32 KiB blocks of
 # LevelDB-log records (crc32c:4, length:2, type:1, payload); FULL=1, FIRST=2, MIDDLE=3, LAST=4. Each
 # reassembled payload is a wandb_internal_pb2.Record.
-_BLOCK = 32 * 1024
-_HEADER = 7
 
 
 @dataclass(frozen=True)
@@ -78,36 +77,6 @@ def checkpoint_wandb_step(step: int) -> int:
     return 2 * int(step) + 1
 
 
-def _records(path: Path) -> Iterator[Any]:
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = Path(path).read_bytes()
-    if data[:4] != b":W&B":
-        return
-    pos, pending = _HEADER, b""
-    while pos + _HEADER <= len(data):
-        left_in_block = _BLOCK - pos % _BLOCK
-        if left_in_block < _HEADER:  # block trailer padding
-            pos += left_in_block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
-        if pos + _HEADER + length > len(data):  # a torn last record
-            return
-        payload = data[pos + _HEADER:pos + _HEADER + length]
-        pos += _HEADER + length
-        if kind == 0 and length == 0:
-            continue
-        pending += payload
-        if kind in (1, 4):
-            record = pb.Record()
-            try:
-                record.ParseFromString(pending)
-            except Exception:  # noqa: BLE001 - a damaged record ends what can be read
-                return
-            yield record
-            pending = b""
-
-
 def run_folders(run_dir: Path, run_id: str) -> list[Path]:
     """This run's W&B folders (offline or online) under ``<run_dir>/wandb``, oldest first."""
     root = Path(run_dir) / "wandb"
@@ -123,7 +92,7 @@ def folder_history(folder: Path) -> tuple[Optional[int], list[int]]:
     if not files:
         return None, []
     branch, steps = None, []
-    for record in _records(files[0]):
+    for record in wandb_log.records(files[0]):
         kind = record.WhichOneof("record_type")
         if kind == "run" and record.run.branch_point.run and record.run.branch_point.metric == "_step":
             branch = int(record.run.branch_point.value)
