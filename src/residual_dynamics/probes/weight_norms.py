@@ -165,6 +165,58 @@ def _stacked_gains(blocks, name: str) -> Optional[torch.Tensor]:
     return None if any(g is None for g in gains) else torch.stack(gains)
 
 
+@dataclass
+class _LayerWeights:
+    """One layer's weights, each with a leading layer axis of length 1 (the shapes of the bridge's stacked
+    ``W_Q`` ... properties, for one layer): W_Q / W_O [1, H, ...], W_K / W_V [1, kv, ...], b_O [1, d_model],
+    b_V [1, kv, d_head], W_in / W_gate [1, d_model, d_mlp], W_out [1, d_mlp, d_model]; None where absent."""
+
+    W_Q: torch.Tensor
+    W_K: torch.Tensor
+    W_V: torch.Tensor
+    W_O: torch.Tensor
+    b_O: Optional[torch.Tensor]
+    b_V: Optional[torch.Tensor]
+    W_in: Optional[torch.Tensor]
+    W_out: Optional[torch.Tensor]
+    W_gate: Optional[torch.Tensor]
+
+
+def _per_head(weight: torch.Tensor, n_heads: int, reading: bool) -> torch.Tensor:
+    """A block's attention matrix in the per-head layout: [H, d_model, d_head] for reading weights,
+    [H, d_head, d_model] for W_O. Bridges give it so; a 2-D matrix is reshaped exactly as the bridge's
+    stacked ``W_Q`` ... properties reshape it (``TransformerBridge._reshape_qkv`` / ``_reshape_o``)."""
+    if weight.dim() == 3:
+        return weight
+    d_model = weight.shape[0] if reading else weight.shape[1]
+    if reading:
+        return weight.reshape(n_heads, d_model, -1)
+    return weight.reshape(n_heads, -1, d_model)
+
+
+def _layer_weights(block, arch: Arch) -> _LayerWeights:
+    """The weights of one block as float32+ host-or-device copies (only this layer's: the probe never
+    holds more than one layer's matrices at a time)."""
+    attn = block.attn
+    n_heads = arch.n_heads
+
+    def one(weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if weight is None else _stat(weight)[None]
+
+    mlp = getattr(block, "mlp", None) if arch.has_mlp else None
+    return _LayerWeights(
+        W_Q=one(_per_head(attn.W_Q, n_heads, True)),
+        W_K=one(_per_head(attn.W_K, arch.n_kv_heads, True)),
+        W_V=one(_per_head(attn.W_V, arch.n_kv_heads, True)),
+        W_O=one(_per_head(attn.W_O, n_heads, False)),
+        b_O=one(getattr(attn, "b_O", None)),
+        b_V=one(getattr(attn, "b_V", None)),
+        W_in=one(mlp.W_in) if mlp is not None else None,
+        W_out=one(mlp.W_out) if mlp is not None else None,
+        W_gate=one(mlp.W_gate) if mlp is not None and arch.gated_mlp else None,
+    )
+
+
 def _row_scaled(weight: Optional[torch.Tensor], gain: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``diag(gain) @ weight`` on the d_model axis (dim -2) of [L, (H,) d_model, n] matrices, with
     gain [L, (1,) d_model]; the weight itself when there is no gain."""
@@ -203,55 +255,58 @@ def weight_norms(
     del tokens, attention_mask
     arch = Arch.of(bridge) if arch is None else arch
     raise_if_unsupported(unsupported(arch))
-    has_mlp = arch.has_mlp
-    gated = arch.gated_mlp
-    blocks = [bridge.blocks[layer] for layer in range(arch.n_layers)]
-
-    W_Q, W_K, W_V, W_O = (_stat(w) for w in (bridge.W_Q, bridge.W_K, bridge.W_V, bridge.W_O))
-    W_in = _stat(bridge.W_in) if has_mlp else None
-    W_gate = _stat(bridge.W_gate) if gated else None
-    try:
-        b_O = torch.linalg.vector_norm(_stat(bridge.b_O), dim=-1)
-    except AttributeError:  # the bridge refuses b_O on bias-free attention outputs (e.g. Llama family)
-        b_O = None
-    ln1_gain = _stacked_gains(blocks, "ln1")
-    ln2_gain = _stacked_gains(blocks, "ln2") if has_mlp else None
+    # Layer by layer: one layer's float32 copies at a time (stacking every layer's W_in and W_out of
+    # GPT-2 XL alone would copy ~4 GB); every reduction below keeps its layer axis of length 1.
+    per_layer = [_layer_norms(bridge.blocks[layer], arch, fold_ln, tl_process) for layer in range(arch.n_layers)]
+    result = WeightNorms(**{
+        field.name: (None if per_layer[0][field.name] is None
+                     else torch.cat([norms[field.name] for norms in per_layer]).float().cpu())
+        for field in fields(WeightNorms) if field.name in per_layer[0]
+    })
     final_gain = _gain(getattr(bridge, "ln_final", None))
+    if final_gain is not None:
+        result.ln_final_gain = torch.linalg.vector_norm(final_gain).float().cpu()
+    return result
 
-    def vector_norms(gain: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return None if gain is None else torch.linalg.vector_norm(gain, dim=-1)
 
-    result = WeightNorms(
-        W_OV=_ov_norms(W_V, W_O),
-        W_Q=_frobenius(W_Q),
-        W_K=_frobenius(W_K),
-        W_V=_frobenius(W_V),
-        W_O=_frobenius(W_O),
-        b_O=b_O,
-        W_in=_frobenius(W_in),
-        W_out=_frobenius(_stat(bridge.W_out)) if has_mlp else None,
-        W_gate=_frobenius(W_gate),
-        ln1_gain=vector_norms(ln1_gain),
-        ln2_gain=vector_norms(ln2_gain),
-        ln_final_gain=vector_norms(final_gain),
-    )
+def _layer_norms(block, arch: Arch, fold_ln: bool, tl_process: bool) -> dict[str, Optional[torch.Tensor]]:
+    """{WeightNorms field: [1, ...] norms of this one block} (every field but ln_final_gain)."""
+    w = _layer_weights(block, arch)
+    blocks = [block]
+    ln1_gain = _stacked_gains(blocks, "ln1")
+    ln2_gain = _stacked_gains(blocks, "ln2") if arch.has_mlp else None
+
+    def vector_norms(vector: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if vector is None else torch.linalg.vector_norm(vector, dim=-1)
+
+    out: dict[str, Optional[torch.Tensor]] = {
+        "W_OV": _ov_norms(w.W_V, w.W_O),
+        "W_Q": _frobenius(w.W_Q),
+        "W_K": _frobenius(w.W_K),
+        "W_V": _frobenius(w.W_V),
+        "W_O": _frobenius(w.W_O),
+        "b_O": vector_norms(w.b_O),
+        "W_in": _frobenius(w.W_in),
+        "W_out": _frobenius(w.W_out),
+        "W_gate": _frobenius(w.W_gate),
+        "ln1_gain": vector_norms(ln1_gain),
+        "ln2_gain": vector_norms(ln2_gain),
+    }
+    out.update(dict.fromkeys(("W_OV_folded", "W_Q_folded", "W_K_folded", "W_V_folded", "W_in_folded",
+                              "W_gate_folded", "W_OV_tlproc", "W_Q_tlproc", "W_K_tlproc", "W_V_tlproc",
+                              "W_O_tlproc", "b_O_tlproc", "W_in_tlproc", "W_out_tlproc", "W_gate_tlproc")))
     if fold_ln:
         head_gain = None if ln1_gain is None else ln1_gain[:, None, :]  # broadcast over heads
-        W_V_folded = _row_scaled(W_V, head_gain)
-        result.W_OV_folded = _ov_norms(W_V_folded, W_O)
-        result.W_Q_folded = _frobenius(_row_scaled(W_Q, head_gain))
-        result.W_K_folded = _frobenius(_row_scaled(W_K, head_gain))
-        result.W_V_folded = _frobenius(W_V_folded)
-        result.W_in_folded = _frobenius(_row_scaled(W_in, ln2_gain))
-        result.W_gate_folded = _frobenius(_row_scaled(W_gate, ln2_gain))
+        W_V_folded = _row_scaled(w.W_V, head_gain)
+        out["W_OV_folded"] = _ov_norms(W_V_folded, w.W_O)
+        out["W_Q_folded"] = _frobenius(_row_scaled(w.W_Q, head_gain))
+        out["W_K_folded"] = _frobenius(_row_scaled(w.W_K, head_gain))
+        out["W_V_folded"] = _frobenius(W_V_folded)
+        out["W_in_folded"] = _frobenius(_row_scaled(w.W_in, ln2_gain))
+        out["W_gate_folded"] = _frobenius(_row_scaled(w.W_gate, ln2_gain))
     if tl_process:
-        _tl_processed_norms(bridge, arch, blocks, result, W_Q, W_K, W_V, W_O, W_in, W_gate)
-
-    for field in fields(result):
-        value = getattr(result, field.name)
-        if value is not None:
-            setattr(result, field.name, value.float().cpu())
-    return result
+        out.update(_tl_processed_norms(w, arch, blocks))
+    return out
 
 
 def _offset_gains(blocks, name: str) -> Optional[torch.Tensor]:
@@ -284,8 +339,8 @@ def _centred(weight: Optional[torch.Tensor], dim: int, centre: bool) -> Optional
     return weight - weight.mean(dim=dim, keepdim=True)
 
 
-def _tl_processed_norms(bridge, arch: Arch, blocks, result: WeightNorms, W_Q, W_K, W_V, W_O, W_in, W_gate) -> None:
-    """Fill the ``*_tlproc`` fields of ``result`` (see the module doc): TransformerLens' processing
+def _tl_processed_norms(w: _LayerWeights, arch: Arch, blocks) -> dict[str, Optional[torch.Tensor]]:
+    """The ``*_tlproc`` norms of one layer (see the module doc): TransformerLens' processing
     (``ProcessWeights.process_weights`` with fold_ln, center_writing_weights, fold_value_biases) redone on
     copies of the raw weights; the bridge is not modified."""
     centre = arch.norm in ("LN", "LNPre")  # TransformerLens centres only LayerNorm-family models
@@ -298,28 +353,28 @@ def _tl_processed_norms(bridge, arch: Arch, blocks, result: WeightNorms, W_Q, W_
     def reading(weight, gain):  # [L, (H,) d_model, n]: gain folded into the d_model rows, then centred
         return _centred(_row_scaled(weight, gain), -2, centre)
 
-    W_V_t = reading(W_V, head_gain)
-    W_O_t = _centred(W_O, -1, centre)  # [L, H, d_head, d_model]
-    result.W_OV_tlproc = _ov_norms(W_V_t, W_O_t)
-    result.W_Q_tlproc = _frobenius(reading(W_Q, head_gain))
-    result.W_K_tlproc = _frobenius(reading(W_K, head_gain))
-    result.W_V_tlproc = _frobenius(W_V_t)
-    result.W_O_tlproc = _frobenius(W_O_t)
+    W_V_t = reading(w.W_V, head_gain)
+    W_O_t = _centred(w.W_O, -1, centre)  # [L, H, d_head, d_model]
+    out = {
+        "W_OV_tlproc": _ov_norms(W_V_t, W_O_t),
+        "W_Q_tlproc": _frobenius(reading(w.W_Q, head_gain)),
+        "W_K_tlproc": _frobenius(reading(w.W_K, head_gain)),
+        "W_V_tlproc": _frobenius(W_V_t),
+        "W_O_tlproc": _frobenius(W_O_t),
+    }
     if arch.has_mlp:
-        result.W_in_tlproc = _frobenius(reading(W_in, ln2))
-        result.W_gate_tlproc = _frobenius(reading(W_gate, ln2))
-        result.W_out_tlproc = _frobenius(_centred(_stat(bridge.W_out), -1, centre))
-    try:
-        b_O = _stat(bridge.b_O)  # [L, d_model]
-    except AttributeError:  # bias-free attention output: no b_O to report
-        return
-    try:
-        b_V = _stat(bridge.b_V)  # [L, kv, d_head]
-    except AttributeError:
-        b_V = torch.zeros(W_V.shape[0], W_V.shape[1], W_V.shape[-1], dtype=W_V.dtype, device=W_V.device)
+        out["W_in_tlproc"] = _frobenius(reading(w.W_in, ln2))
+        out["W_gate_tlproc"] = _frobenius(reading(w.W_gate, ln2))
+        out["W_out_tlproc"] = _frobenius(_centred(w.W_out, -1, centre))
+    if w.b_O is None:  # bias-free attention output: no b_O to report
+        return out
+    W_V, W_O = w.W_V, w.W_O
+    b_V = w.b_V if w.b_V is not None else torch.zeros(*W_V.shape[:2], W_V.shape[-1], dtype=W_V.dtype,
+                                                      device=W_V.device)
     ln1_bias = _stacked_biases(blocks, "ln1") if arch.norm == "LN" else None
     if ln1_bias is not None:  # fold_ln folds the LayerNorm bias into b_V through the raw W_V
         b_V = b_V + torch.einsum("lm,lkmd->lkd", ln1_bias.to(W_V), W_V)
     group = W_O.shape[1] // W_V.shape[1]
     value_bias = torch.einsum("lhd,lhdm->lm", b_V.repeat_interleave(group, dim=1).to(W_O), W_O)
-    result.b_O_tlproc = torch.linalg.vector_norm(_centred(b_O + value_bias, -1, centre), dim=-1)
+    out["b_O_tlproc"] = torch.linalg.vector_norm(_centred(w.b_O + value_bias, -1, centre), dim=-1)
+    return out
