@@ -125,6 +125,50 @@ def test_planted_cell_difference_paired_by_seed(tmp_path):
     assert len(cells) == 4 and (cells["n"] == 8).all()
 
 
+def _decay_runs(gain_shift: float, w_ov_shift: float, seed: int) -> list:
+    """LN and RMS runs, decay off/on x 8 seeds, per-layer ln1_gain and per-head W_OV at the final step; the
+    LN runs with decay get ``gain_shift`` on every ln1 gain and ``w_ov_shift`` on every head's W_OV, the RMS
+    runs get a large opposite shift (the hypotheses' ``where`` must drop them)."""
+    rng = np.random.default_rng(seed)
+    runs = []
+    for norm in ("LN", "RMS"):
+        for decay in (False, True):
+            for unit in range(8):
+                sign = 1.0 if norm == "LN" else -5.0
+                rows = []
+                for step in (0, 100):
+                    for layer in range(2):
+                        gain = 8.0 + 0.2 * unit + layer + (sign * gain_shift if decay and step == 100 else 0.0)
+                        rows.append({"step": step, "probe": "weight_norms", "name": "ln1_gain", "layer": layer,
+                                     "head": None, "value": gain + rng.normal(0, 0.01)})
+                        for head in range(2):
+                            w_ov = 1.0 + 0.1 * unit + 0.1 * head + (sign * w_ov_shift if decay and step == 100 else 0.0)
+                            rows.append({"step": step, "probe": "weight_norms", "name": "W_OV", "layer": layer,
+                                         "head": head, "value": w_ov + rng.normal(0, 0.01)})
+                config = synth.make_config(**{"model.normalization_type": norm, "optim.decay_norm_params": decay,
+                                              "seed": unit})
+                num = len(runs)
+                runs.append(C.RunData(run=f"d/{num}", run_dir=f"/mem/d/{num}", source="files", config=config,
+                                      rows=rows))
+    return runs
+
+
+@pytest.mark.parametrize("name,planted", [("decay_shrinks_gains", (-0.1, 0.0)), ("decay_grows_W_OV", (0.0, 0.05))])
+def test_shipped_decay_hypotheses_on_planted_and_null_runs(name, planted):
+    """The two halves of "decay on the gains moves the growth into W_OV" (sweeps/norm_x_decay.yaml): a planted
+    shift of the LN runs' per-layer gains / per-head W_OV is found within its CI and supported; without it the
+    verdict is not 'supported'; the RMS runs (shifted the other way) are left out by ``where``."""
+    effect = planted[0] if name == "decay_shrinks_gains" else planted[1]
+    hyp = hypothesis(name)
+    extracted, verdict, _ = pipeline.analyse(C.build_frame(_decay_runs(*planted, seed=1)), hyp)
+    (row,) = verdict.to_dict("records")
+    assert row["ci_low"] <= effect <= row["ci_high"] and row["verdict"] == "supported", row
+    assert row["n_runs"] == 16 and len(extracted.excluded) == 16
+    _, null_verdict, _ = pipeline.analyse(C.build_frame(_decay_runs(0.0, 0.0, seed=2)), hyp)
+    (null_row,) = null_verdict.to_dict("records")
+    assert null_row["verdict"] != "supported" and null_row["ci_low"] <= 0.0 <= null_row["ci_high"], null_row
+
+
 # --------------------------------------------------------------------------- calibration
 
 
