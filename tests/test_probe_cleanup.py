@@ -13,6 +13,8 @@ chunking of writers and rows, cached or not, gives the unchunked numbers.
 import math
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 import torch
 from reference_models import (
@@ -291,11 +293,49 @@ def test_chunked_equals_unchunked(variant):
     n_writers = len(cleanup(bridge, tokens, writers=["EMBED"], **options).nodes)
     whole = cleanup_with_plan(bridge, tokens, CleanupPlan(n_writers, 3, cache=True, cache_patterns=True), **options)
     assert (whole.cleaners >= 0).any() and (whole.dla_vcomp.nan_to_num() != 0).any()
-    plans = [CleanupPlan(writers, rows, cache, patterns)
+    plans = [CleanupPlan(writers, rows, cache, patterns, spill=spill)
              for writers, rows in ((1, 1), (2, 2), (5, 3), (n_writers - 1, 1))
-             for cache, patterns in ((True, True), (True, False), (False, False))]
+             for cache, patterns, spill in ((True, True, False), (True, False, False), (False, False, False),
+                                            (True, True, True))]
     for chunking in plans:
         assert_same_result(cleanup_with_plan(bridge, tokens, chunking, **options), whole, str(chunking))
+
+
+def test_spilled_activations_go_to_a_private_directory_that_is_removed(tmp_path, monkeypatch):
+    """A spilled plan writes one file per chunk of rows into its own directory below spill_dir, reads them
+    back memory-mapped, and leaves nothing behind; the budget decides when it spills."""
+    bridge = make_bridge()
+    tokens, attention_mask = padded_tokens()
+    options = dict(threshold=THRESHOLD, writer_min=WRITER_MIN, top_n=TOP_N, attention_mask=attention_mask)
+    whole = cleanup(bridge, tokens, **options)
+    saved = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, path, *a, **k: (saved.append(Path(path)), real_save(obj, path, *a, **k))[1])
+    spilled = cleanup_with_plan(bridge, tokens, CleanupPlan(2, 1, cache=True, cache_patterns=True, spill=True),
+                                spill_dir=str(tmp_path), **options)
+    assert_same_result(spilled, whole, "spilled")
+    assert len(saved) == tokens.shape[0] and all(p.parent.parent == tmp_path for p in saved)
+    assert list(tmp_path.iterdir()) == []  # removed when the probe ended
+    # a budget below the in-memory cache: with spill the plan records once; without, it reruns forwards
+    for budget in ("240KB", "200KB"):
+        spill_on = cleanup(bridge, tokens, max_memory=budget, spill_dir=str(tmp_path), **options)
+        spill_off = cleanup(bridge, tokens, max_memory=budget, spill=False, **options)
+        assert spill_on.plan.spill and spill_on.plan.forwards == 1 and spill_on.plan.spill_bytes > 0
+        assert not spill_off.plan.spill and spill_off.plan.forwards > 1
+        assert_same_result(spill_on, whole, budget)
+    unspilled = cleanup(bridge, tokens, spill_dir=str(tmp_path), **options)
+    assert not unspilled.plan.spill  # what fits the budget stays in memory
+
+
+def test_spill_needs_the_space():
+    arch = SHAPES["gpt2-xl"]
+    n_nodes = 1 + int(arch.has_pos_embed) + arch.n_layers * (arch.n_heads + 1)
+    kwargs = dict(batch=32, seq=128, n_kept=32 * 127, n_writers=n_nodes, d_vocab=50257, budget=int(2e9))
+    spilled, _ = plan(arch, spill_space=10**12, **kwargs)
+    assert spilled.spill and spilled.forwards == 1 and spilled.bytes <= 0.85 * 2e9
+    assert 5e9 < spilled.spill_bytes < 10e9  # every head's z, MLP outputs, residual points and patterns
+    short, _ = plan(arch, spill_space=spilled.spill_bytes - 1, **kwargs)
+    assert not short.spill and short.forwards > 2
 
 
 def test_budget_sets_the_plan_and_a_budget_too_small_is_a_note():
@@ -305,7 +345,7 @@ def test_budget_sets_the_plan_and_a_budget_too_small_is_a_note():
     assert whole.plan.cache and whole.plan.cache_patterns and whole.plan.forwards == 1
     seen = set()
     for budget in ("1200KB", "470KB", "330KB", "240KB"):
-        result = cleanup(bridge, tokens, attention_mask=attention_mask, max_memory=budget)
+        result = cleanup(bridge, tokens, attention_mask=attention_mask, max_memory=budget, spill=False)
         assert result.plan.bytes <= int(budget[:-2]) * 1000
         seen.add((result.plan.cache, result.plan.cache_patterns, result.plan.writers < len(whole.nodes)))
         assert_same_result(result, whole, budget)

@@ -103,6 +103,8 @@ BAD = [
     (["probes.layer_horizon.tolerance=-1"], {}, "probes.layer_horizon.tolerance"),
     (["probes.layer_horizon.ks=[0,2]"], {}, "probes.layer_horizon.ks"),
     (["probes.cleanup.early=sometimes"], {}, "probes.cleanup.early"),
+    (["probes.cleanup.spill_dir=/no/such/dir"], {}, "probes.cleanup.spill_dir"),
+    (["probes.cleanup.spill=maybe"], {}, "probes.cleanup.spill"),
     (["probes.residual_norms.enabled=maybe"], {}, "probes.residual_norms.enabled"),
     (["probes.residual_norms.fit_layers=[2,9]"], {}, "probes.residual_norms.fit_layers"),
     # the run

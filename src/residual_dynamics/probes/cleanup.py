@@ -60,9 +60,13 @@ Memory and cost: the PR tables are [writers, nodes + points, positions]. The pro
 chunk of writers at a time and runs its forwards over chunks of batch rows; :func:`plan` picks the
 chunks within ``max_memory`` (the probe's own memory: tables, stored activations and one forward's
 working set). When the activations of every row fit, ONE forward records them (with the attention
-patterns when those fit too, else a second, shorter forward reads the patterns for the V-composition);
-otherwise every chunk of writers runs its own forward, and the V-composition of one chunk rides on the
-next chunk's forward (one extra forward after the last). Quantiles are computed per writer from the
+patterns when those fit too, else a second, shorter forward reads the patterns for the V-composition).
+When they do not fit (GPT-2 large and XL at 32 x 128 tokens within 2 GB), ONE forward still records them
+with ``spill`` (the default): each chunk of rows is written to a file (CPU; in ``spill_dir``, removed when
+the probe ends) or copied to host memory (GPU), and read back (memory-mapped) one chunk of rows at a time
+for every chunk of writers; ``plan`` checks the free space first. Without ``spill`` (or without the space)
+every chunk of writers runs its own forward, and the V-composition of one chunk rides on the next
+chunk's forward (one extra forward after the last). Quantiles are computed per writer from the
 complete tables of its chunk, so every number is the same as with no chunking. A budget that fits not
 even one writer and one row gives an :class:`Unsupported` result with a note instead.
 
@@ -78,7 +82,11 @@ Records (node suffix: heads have layer and head, ``/mlp`` has layer, ``/embed`` 
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -88,6 +96,7 @@ from residual_dynamics.errors import ConfigError
 from residual_dynamics.probes.arch import Arch
 from residual_dynamics.probes.common import (
     Record,
+    check_bool,
     check_int,
     check_max_memory,
     check_number,
@@ -116,6 +125,10 @@ class Options:
     top_n:      most cleaners kept per writer (>= 1).
     writers:    node names to treat as writers (``EMBED``, ``POS``, ``L{l}H{h}``, ``L{l}MLP``); null = all.
     max_memory: memory budget of the probe (e.g. "2GB"); null = ``probes.max_memory``.
+    spill:      when the activations of every row do not fit ``max_memory``, record them once and keep
+                them in files (CPU) or host memory (GPU) instead of rerunning the forward for every chunk
+                of writers (see the module doc).
+    spill_dir:  the directory of those files; null = the system's temporary directory.
     """
 
     threshold: float = 0.3
@@ -123,6 +136,8 @@ class Options:
     top_n: int = 8
     writers: Optional[List[str]] = None
     max_memory: Optional[str] = None
+    spill: bool = True
+    spill_dir: Optional[str] = None
 
     def check(self, arch: Arch) -> None:
         """Raise ConfigError(<option>, message) for a bad value; runs no probe."""
@@ -148,6 +163,9 @@ class Options:
                                                  f"(layer < {arch.n_layers}, head < {arch.n_heads})"
                                                  f"{', L<layer>MLP' if arch.has_mlp else ''}")
         check_max_memory(self.max_memory)
+        check_bool(self.spill, "spill")
+        if self.spill_dir is not None and (not isinstance(self.spill_dir, str) or not Path(self.spill_dir).is_dir()):
+            raise ConfigError("spill_dir", f"must be an existing directory or null, got {self.spill_dir!r}")
 
 
 def unsupported(arch: Arch) -> Optional[str]:
@@ -186,8 +204,12 @@ class CleanupPlan:
     cache:          one forward records the activations of every row, kept for all chunks of writers.
     cache_patterns: ... the attention patterns too (else one more forward reads them for the
                     V-composition); False without ``cache``.
+    spill:          with ``cache``: the recorded activations (patterns included) are kept outside the
+                    budget, in files (CPU tensors) or host memory (GPU tensors), and read back one chunk of
+                    rows at a time.
     bytes:          the estimated peak of the probe's own memory.
     forwards:       the forward passes the probe runs (the V-composition forward counted).
+    spill_bytes:    with ``spill``: the bytes written outside the budget.
     """
 
     writers: int
@@ -196,6 +218,8 @@ class CleanupPlan:
     cache_patterns: bool
     bytes: int = 0
     forwards: int = 0
+    spill: bool = False
+    spill_bytes: int = 0
 
 
 @dataclass
@@ -285,7 +309,7 @@ def residual_points(arch: Arch) -> list[tuple[str, str]]:
 
 
 def plan(arch: Arch, *, batch: int, seq: int, n_kept: int, n_writers: int, d_vocab: int,
-         budget: int, top_n: int = 8) -> tuple[Optional[CleanupPlan], int]:
+         budget: int, top_n: int = 8, spill_space: int = 0) -> tuple[Optional[CleanupPlan], int]:
     """The chunking of :func:`cleanup` within ``budget`` bytes: (plan, bytes needed at the smallest
     chunk: one writer, one row, nothing cached), with plan None when even that does not fit.
 
@@ -294,9 +318,12 @@ def plan(arch: Arch, *, batch: int, seq: int, n_kept: int, n_writers: int, d_voc
     and the attention patterns 4 L H T^2 when they are recorded), one forward's working set
     (:func:`forward_bytes_per_row`) and the writers' outputs at the row; and the fixed tables (DLA,
     its directions, the quantile tables, one writer's sort, and the [d_head, d_head] V-composition
-    products of up to ``top_n`` cleaners per writer). Of the plans that fit, the one with the fewest
-    forwards wins, then the fewest chunks of writers, then the most rows per forward. The
-    estimate may fill 85% of the budget (the rest: allocator overhead and small temporaries)."""
+    products of up to ``top_n`` cleaners per writer). A spilled plan keeps the recorded activations of
+    every row (patterns included) outside the budget, within ``spill_space`` bytes (0: no spilling), and
+    holds one chunk of rows of them at a time. Of the plans that fit, the one with the fewest forwards
+    wins, then one that spills nothing, then the fewest chunks of writers, then the most rows per
+    forward. The estimate may fill 85% of the budget (the rest: allocator overhead and small
+    temporaries)."""
     d, n_heads, n_layers = arch.d_model, arch.n_heads, arch.n_layers
     n_nodes = 1 + int(arch.has_pos_embed) + n_layers * (n_heads + int(arch.has_mlp))
     n_points = len(arch.residual_points())
@@ -316,9 +343,14 @@ def plan(arch: Arch, *, batch: int, seq: int, n_kept: int, n_writers: int, d_voc
                       + n_nodes * batch * seq + 3 * (n_nodes + n_points) * n_kept
                       + 3 * n_writers * (n_nodes + n_points))
 
-    def need(cache: bool, cache_patterns: bool, rows: int) -> tuple[int, int]:
+    recorded_row = nodes_row + resid_row + scales_row + patterns_row  # one row's recorded activations
+    spill_bytes = batch * recorded_row
+
+    def need(cache: bool, cache_patterns: bool, rows: int, spill: bool = False) -> tuple[int, int]:
         """(bytes without the writers' tables, bytes per writer of a chunk). The V-composition products
         of every writer wait for the last forward without the patterns cached, else those of two chunks."""
+        if spill:  # a chunk of rows recorded (or read back) at a time, everything else outside the budget
+            return fixed + rows * (forward_row + work_row + recorded_row), per_writer + rows * per_writer_row + 2 * mixing
         stored = batch * (nodes_row + resid_row + scales_row + (patterns_row if cache_patterns else 0)) if cache else 0
         transient = rows * (forward_row + work_row + (0 if cache else nodes_row + resid_row + scales_row)
                             + (0 if cache_patterns else patterns_row))
@@ -327,9 +359,9 @@ def plan(arch: Arch, *, batch: int, seq: int, n_kept: int, n_writers: int, d_voc
 
     usable = int(_PLANNED_SHARE * budget)
 
-    def fitting_writers(cache: bool, cache_patterns: bool, rows: int) -> tuple[int, int]:
+    def fitting_writers(cache: bool, cache_patterns: bool, rows: int, spill: bool = False) -> tuple[int, int]:
         """(most writers per chunk that fit, bytes with that many); 0 writers when none fit."""
-        base, step = need(cache, cache_patterns, rows)
+        base, step = need(cache, cache_patterns, rows, spill)
         count = min(n_writers, max(0, (usable - base) // step))
         return int(count), int(base + max(count, 1) * step)
 
@@ -337,16 +369,21 @@ def plan(arch: Arch, *, batch: int, seq: int, n_kept: int, n_writers: int, d_voc
     best, best_key = None, None
     candidate_rows = sorted({max(1, -(-batch // parts)) for parts in (1, 2, 4, 8, 16, 32, 64, 128, batch)},
                             reverse=True)
-    for cache, cache_patterns in ((True, True), (True, False), (False, False)):
+    modes = [(True, True, False), (True, False, False), (False, False, False)]
+    if spill_space >= spill_bytes:
+        modes.append((True, True, True))
+    for cache, cache_patterns, spill in modes:
         for rows in candidate_rows:
-            count, size = fitting_writers(cache, cache_patterns, rows)
+            count, size = fitting_writers(cache, cache_patterns, rows, spill)
             if count < 1:
                 continue
             chunks = -(-n_writers // count)
             forwards = 1 if cache_patterns else 2 if cache else chunks + 1
-            key = (forwards, chunks, -rows)
+            key = (forwards, spill, chunks, -rows)
             if best_key is None or key < best_key:
-                best, best_key = CleanupPlan(count, rows, cache, cache_patterns, size, forwards), key
+                best = CleanupPlan(count, rows, cache, cache_patterns, size, forwards, spill,
+                                   spill_bytes if spill else 0)
+                best_key = key
     return best, smallest
 
 
@@ -362,6 +399,8 @@ def cleanup(
     top_n: int = 8,
     writers: Optional[Sequence[str]] = None,
     max_memory: Optional[str] = None,
+    spill: bool = True,
+    spill_dir: Optional[str] = None,
     attention_mask: Optional[torch.Tensor] = None,
     arch: Optional[Arch] = None,
 ):
@@ -370,8 +409,9 @@ def cleanup(
     ``writers``: node names to treat as writers (default: every node). ``max_memory`` (bytes or e.g.
     "2GB"; default ``DEFAULT_MAX_MEMORY``) bounds the probe's own memory and sets its chunks
     (:func:`plan`); a budget too small for one writer and one row gives an :class:`Unsupported` with a
-    note. ``arch``: the model's :class:`~residual_dynamics.probes.arch.Arch` (built from the bridge if
-    not given). Raises ProbeUnsupported on missing hook points (:func:`unsupported`).
+    note. ``spill`` / ``spill_dir``: see :class:`Options`. ``arch``: the model's
+    :class:`~residual_dynamics.probes.arch.Arch` (built from the bridge if not given). Raises
+    ProbeUnsupported on missing hook points (:func:`unsupported`).
     """
     arch = Arch.of(bridge) if arch is None else arch
     raise_if_unsupported(unsupported(arch))
@@ -380,11 +420,30 @@ def cleanup(
     budget = memory_budget(max_memory)
     chunking, smallest = plan(arch, batch=tokens.shape[0], seq=tokens.shape[1], n_kept=int(mask.sum()),
                               n_writers=len(writer_nodes), d_vocab=int(bridge.cfg.d_vocab), budget=budget,
-                              top_n=top_n)
+                              top_n=top_n, spill_space=spill_space(tokens.device, spill_dir) if spill else 0)
     if chunking is None:
         return does_not_fit("cleanup", smallest, budget, "raise probes.max_memory or use fewer or shorter prompts")
     return cleanup_with_plan(bridge, tokens, chunking, threshold=threshold, writer_min=writer_min, top_n=top_n,
-                             writers=writers, attention_mask=attention_mask, arch=arch)
+                             writers=writers, attention_mask=attention_mask, arch=arch, spill_dir=spill_dir)
+
+
+def spill_space(device: torch.device, spill_dir: Optional[str] = None) -> int:
+    """Bytes a spilled plan may write: 80% of the free space of ``spill_dir`` (the temporary directory when
+    None) for CPU tensors, 50% of the available host memory (``MemAvailable``; 0 where unknown) for GPU
+    tensors."""
+    if device.type == "cpu":
+        try:
+            return int(0.8 * shutil.disk_usage(spill_dir or tempfile.gettempdir()).free)
+        except OSError:
+            return 0
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(0.5 * int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return 0
 
 
 def cleanup_with_plan(
@@ -398,13 +457,15 @@ def cleanup_with_plan(
     writers: Optional[Sequence[str]] = None,
     attention_mask: Optional[torch.Tensor] = None,
     arch: Optional[Arch] = None,
+    spill_dir: Optional[str] = None,
 ) -> CleanupResult:
     """:func:`cleanup` with an explicit chunking (any :class:`CleanupPlan`, e.g. to check that every
     chunking gives the same numbers); no memory check."""
     arch = Arch.of(bridge) if arch is None else arch
     raise_if_unsupported(unsupported(arch))
     with torch.no_grad():
-        return _Cleanup(bridge, tokens, attention_mask, arch, writers, chunking).run(threshold, writer_min, top_n)
+        probe = _Cleanup(bridge, tokens, attention_mask, arch, writers, chunking)
+        return probe.run(threshold, writer_min, top_n, spill_dir=spill_dir)
 
 
 def _writer_nodes(nodes: list[Node], writers: Optional[Sequence[str]]) -> list[int]:
@@ -499,14 +560,22 @@ class _Cleanup:
 
     # ---------------------------------------------------------------- driver
 
-    def run(self, threshold: float, writer_min: float, top_n: int) -> CleanupResult:
+    def run(self, threshold: float, writer_min: float, top_n: int, spill_dir: Optional[str] = None) -> CleanupResult:
+        chunking = self.chunking
+        if not (chunking.cache and chunking.spill):
+            return self._run(threshold, writer_min, top_n, None)
+        with _Spilled(self.device, spill_dir) as spilled:
+            return self._run(threshold, writer_min, top_n, spilled)
+
+    def _run(self, threshold: float, writer_min: float, top_n: int, spilled: Optional["_Spilled"]) -> CleanupResult:
         chunking, n_layers = self.chunking, self.arch.n_layers
         cache = None
         if chunking.cache:
             every = set(range(n_layers))
-            cache = [self._capture(i, nodes=True, resid=True, logits=True, scales=every,
-                                   patterns=every if chunking.cache_patterns else set())
-                     for i in range(len(self.row_chunks))]
+            patterns = every if chunking.cache_patterns or spilled is not None else set()
+            cache = [] if spilled is None else spilled
+            for i in range(len(self.row_chunks)):
+                cache.append(self._capture(i, nodes=True, resid=True, logits=True, scales=every, patterns=patterns))
         size = max(1, chunking.writers)
         chunks = [list(range(start, min(start + size, len(self.writer_nodes))))
                   for start in range(0, len(self.writer_nodes), size)]
@@ -527,7 +596,7 @@ class _Cleanup:
                 pending = []
             works = self._prepare(self._finish_chunk(rows, resid_values, node_values, threshold, writer_min, top_n))
             del resid_values, node_values
-            if cache is not None and chunking.cache_patterns:
+            if cache is not None and (chunking.cache_patterns or spilled is not None):
                 for acts in cache:
                     self._vcomp(acts, works)
             else:
@@ -766,6 +835,61 @@ class _Cleanup:
             plan=self.chunking,
             **{key: value.cpu() for key, value in scan.items()},
         )
+
+
+class _Spilled:
+    """The recorded activations of every chunk of rows, kept outside the probe's memory budget: written
+    with ``torch.save`` to a private temporary directory (CPU tensors; read back memory-mapped, one chunk
+    of rows at a time, and removed on exit) or copied to host memory (GPU tensors). A list of
+    :class:`_Activations` to the driver: ``append``, ``[i]``, iteration."""
+
+    _TABLES = ("z", "mlp", "resid", "pattern", "scale")
+
+    def __init__(self, device: torch.device, directory: Optional[str]):
+        self.device = device
+        self.to_disk = device.type == "cpu"
+        self.directory = directory
+        self.items: list = []
+        self._tmp: Optional[tempfile.TemporaryDirectory] = None
+
+    def __enter__(self) -> "_Spilled":
+        if self.to_disk:
+            self._tmp = tempfile.TemporaryDirectory(prefix="residual-dynamics-cleanup-", dir=self.directory)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.items.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def append(self, acts: _Activations) -> None:
+        state = {"embed": acts.embed, "pos": acts.pos, **{name: getattr(acts, name) for name in self._TABLES}}
+        head = (acts.rows, acts.keep, acts.span)
+        if self.to_disk:
+            path = os.path.join(self._tmp.name, f"rows{len(self.items):05d}.pt")
+            torch.save(state, path)
+            self.items.append((head, path))
+        else:
+            host = {key: (value.cpu() if isinstance(value, torch.Tensor) else
+                          {k: v.cpu() for k, v in value.items()} if isinstance(value, dict) else value)
+                    for key, value in state.items()}
+            self.items.append((head, host))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> _Activations:
+        (rows, keep, span), stored = self.items[i]
+        if self.to_disk:
+            state = torch.load(stored, mmap=True, weights_only=True)
+        else:
+            state = {key: (value.to(self.device) if isinstance(value, torch.Tensor) else
+                           {k: v.to(self.device) for k, v in value.items()} if isinstance(value, dict) else value)
+                     for key, value in stored.items()}
+        return _Activations(rows=rows, keep=keep, span=span, **state)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def _merged(stored: _Activations, extra: _Activations) -> _Activations:
