@@ -29,6 +29,7 @@ activation pass <= 1.1x a bare forward; layer_horizon <= 1.2 x (K + 1) bare forw
     python benchmarks/bench_scale.py                                  # every model, 32 x 128 tokens
     python benchmarks/bench_scale.py --models gpt2,pythia-160m --batch 8 --tokens 64
     python benchmarks/bench_scale.py --models gpt2-xl --batch 4 --tokens 64 --probes cleanup,layer_horizon
+    python benchmarks/bench_scale.py --models gpt2-medium --probes cleanup --compare-spill   # spill on vs off
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=128, help="tokens per prompt (of every model without :BxT)")
     parser.add_argument("--probes", default=None, help="comma-separated probe names (default: the default set)")
     parser.add_argument("--max-memory", default=None, help="probes.max_memory (default: the schema default)")
+    parser.add_argument("--compare-spill", action="store_true",
+                        help="also run cleanup with probes.cleanup.spill=false (one forward per chunk of writers "
+                             "when the activations exceed max_memory) next to the default (spilled) one")
     parser.add_argument("--rounds", type=int, default=1, help="bare forwards timed (best of) per model")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared machine torch's thread pool spins, which "
@@ -193,6 +197,10 @@ def run_model(args: argparse.Namespace) -> list[dict]:
     if "residual_norms" in options and "activation_rates" in options:
         runs["activation pass"] = {probe: options[probe] for probe in ("residual_norms", "activation_rates")}
     runs.update({probe: {probe: options[probe]} for probe in options})
+    if args.compare_spill and "cleanup" in options:
+        import dataclasses
+
+        runs["cleanup, no spill"] = {"cleanup": dataclasses.replace(options["cleanup"], spill=False)}
     for label, probes in runs.items():
         bares.append(bare())  # one more bare forward next to every probe: the best one is the unit
         _release()
@@ -233,7 +241,7 @@ def target(row: dict) -> str:
         limit = 1.1
     elif probe == "layer_horizon" and row["k"]:
         limit = 1.2 * (row["k"] + 1)
-    elif probe == "cleanup":
+    elif probe.startswith("cleanup"):
         limit = 3.0
     else:
         return ""
@@ -281,6 +289,7 @@ def main(argv=None) -> None:
                    "--rounds", str(args.rounds), "--threads", str(args.threads)]
         command += ["--probes", args.probes] if args.probes else []
         command += ["--max-memory", args.max_memory] if args.max_memory else []
+        command += ["--compare-spill"] if args.compare_spill else []
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         lines = [line for line in done.stdout.splitlines() if line.startswith("ROWS ")]
