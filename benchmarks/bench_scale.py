@@ -30,6 +30,10 @@ activation pass <= 1.1x a bare forward; layer_horizon <= 1.2 x (K + 1) bare forw
     python benchmarks/bench_scale.py --models gpt2,pythia-160m --batch 8 --tokens 64
     python benchmarks/bench_scale.py --models gpt2-xl --batch 4 --tokens 64 --probes cleanup,layer_horizon
     python benchmarks/bench_scale.py --models gpt2-medium --probes cleanup --compare-spill   # spill on vs off
+    python benchmarks/bench_scale.py --device cuda --models gpt2,pythia-160m,gpt2-xl --json scale.json
+
+``--device cuda``: wall times after a synchronize (the ``cpu x fwd`` column then repeats the wall ratio)
+and peak CUDA memory allocated above the loaded model; ``--json`` is rewritten after every model.
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=128, help="tokens per prompt (of every model without :BxT)")
     parser.add_argument("--probes", default=None, help="comma-separated probe names (default: the default set)")
     parser.add_argument("--max-memory", default=None, help="probes.max_memory (default: the schema default)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda: then times are wall times after a synchronize, and memory is the peak "
+                             "of torch.cuda.max_memory_allocated above the loaded model")
     parser.add_argument("--compare-spill", action="store_true",
                         help="also run cleanup with probes.cleanup.spill=false (one forward per chunk of writers "
                              "when the activations exceed max_memory) next to the default (spilled) one")
@@ -100,6 +107,35 @@ def _release() -> None:
 
 def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+class Memory:
+    """The memory a probe adds: RSS above the loaded model on the CPU (VmHWM after a reset), allocated
+    CUDA memory above it on a GPU (torch.cuda.max_memory_allocated after reset_peak_memory_stats)."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.torch, self.cuda = torch, device.startswith("cuda")
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def current(self) -> int:
+        return self.torch.cuda.memory_allocated() if self.cuda else _status("VmRSS")
+
+    def reset(self) -> None:
+        _release()
+        if self.cuda:
+            self.torch.cuda.empty_cache()
+            self.torch.cuda.reset_peak_memory_stats()
+        else:
+            _reset_peak()
+
+    def peak(self) -> int:
+        self.sync()
+        return self.torch.cuda.max_memory_allocated() if self.cuda else _status("VmHWM")
 
 
 # --------------------------------------------------------------------------- one model
@@ -166,8 +202,9 @@ def run_model(args: argparse.Namespace) -> list[dict]:
         vocab, params = build(name, Path(tmp))
         _release()
         build_s = time.perf_counter() - started
-        bridge, _, info = load_pretrained({"path": tmp, "device": "cpu", "name": name})
+        bridge, _, info = load_pretrained({"path": tmp, "device": args.device, "name": name})
     _release()
+    memory = Memory(args.device)
     hf_model = bridge.original_model
     arch = Arch.of(bridge)
     config = ProbesConfig() if args.max_memory is None else ProbesConfig(max_memory=args.max_memory)
@@ -178,19 +215,20 @@ def run_model(args: argparse.Namespace) -> list[dict]:
         raise SystemExit(f"unknown probes {unknown}; probes: {list(PROBES)}")
     options = {probe: options.get(probe) or PROBES[probe].Options() for probe in wanted}
     tokens = torch.randint(0, vocab, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
+    tokens = tokens.to(args.device)
 
     def bare() -> tuple[float, float]:
         """(wall, CPU) seconds of one bare forward of the Hugging Face model."""
         with torch.no_grad():
-            return _timed_result(lambda: hf_model(tokens) and None)[0]
+            return _timed_result(lambda: (hf_model(tokens), memory.sync()) and None)[0]
 
     with torch.no_grad():
         hf_model(tokens)  # warm-up
-    _release()
-    model_rss = _status("VmRSS")
-    _reset_peak()
+    memory.reset()
+    model_rss = memory.current()
+    memory.reset()
     bares = [bare() for _ in range(max(1, args.rounds))]
-    bare_peak = _status("VmHWM") - model_rss
+    bare_peak = memory.peak() - model_rss
 
     rows = []
     runs = {}
@@ -203,11 +241,11 @@ def run_model(args: argparse.Namespace) -> list[dict]:
         runs["cleanup, no spill"] = {"cleanup": dataclasses.replace(options["cleanup"], spill=False)}
     for label, probes in runs.items():
         bares.append(bare())  # one more bare forward next to every probe: the best one is the unit
-        _release()
-        _reset_peak()
+        memory.reset()
         with torch.no_grad():
-            (seconds, cpu), results = _timed_result(lambda: run_probes(bridge, tokens, probes, arch=arch))
-        peak = _status("VmHWM") - model_rss
+            (seconds, cpu), results = _timed_result(lambda: (run_probes(bridge, tokens, probes, arch=arch),
+                                                             memory.sync())[0])
+        peak = memory.peak() - model_rss
         result = results[next(iter(probes))] if len(probes) == 1 else None
         chunks = getattr(result, "plan", None)
         ks = getattr(result, "ks", None)
@@ -217,7 +255,9 @@ def run_model(args: argparse.Namespace) -> list[dict]:
         del results, result
     bare_s, bare_cpu = min(wall for wall, _ in bares), min(cpu for _, cpu in bares)
     for row in rows:
-        row.update(ratio=row["seconds"] / bare_s, cpu_ratio=row["cpu_seconds"] / bare_cpu, bare_s=bare_s,
+        row.update(ratio=row["seconds"] / bare_s, bare_s=bare_s, device=args.device,
+                   # on a GPU the host CPU time says nothing of the work: the wall-time ratio stands in
+                   cpu_ratio=row["cpu_seconds"] / bare_cpu if args.device == "cpu" else row["seconds"] / bare_s,
                    bare_cpu_s=bare_cpu, bare_peak_bytes=bare_peak, model_rss=model_rss, build_s=build_s,
                    parallel=arch.parallel, layers=info.n_layers, d_model=info.d_model, threads=torch.get_num_threads())
     return rows
@@ -286,7 +326,7 @@ def main(argv=None) -> None:
     rows = []
     for model, batch, tokens in models:
         command = [sys.executable, __file__, "--child", model, "--batch", batch, "--tokens", tokens,
-                   "--rounds", str(args.rounds), "--threads", str(args.threads)]
+                   "--rounds", str(args.rounds), "--threads", str(args.threads), "--device", args.device]
         command += ["--probes", args.probes] if args.probes else []
         command += ["--max-memory", args.max_memory] if args.max_memory else []
         command += ["--compare-spill"] if args.compare_spill else []
@@ -299,9 +339,11 @@ def main(argv=None) -> None:
             continue
         rows += json.loads(lines[-1][5:])
         print(f"{model}: done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        if args.json:  # after every model, so that a run cut short keeps what it measured
+            partial = Path(f"{args.json}.part")
+            partial.write_text(json.dumps(rows, indent=1))
+            os.replace(partial, args.json)
     print_table(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -470,7 +470,7 @@ def e2e_part(args) -> dict:
         return timer.rates
 
     try:
-        rounds = interleaved({"job": job_round, "bare_loop": bare_round}, args.rounds)
+        rounds = interleaved({"job": job_round, "bare_loop": bare_round}, args.e2e_rounds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rates = {name: [wall for wall, _ in values] for name, values in rounds.items()}
@@ -482,7 +482,7 @@ def e2e_part(args) -> dict:
     on_cpu = device.type == "cpu"
     print(f"[e2e] the default job ({' '.join(overrides)}), model {model_cfg.n_layers}x{model_cfg.d_model} "
           f"vocab {model_cfg.d_vocab}, batch {spec.data.batch_size}x{spec.data.seq_len}, {steps} steps (timed "
-          f"after {warmup}), rounds={args.rounds}, device={args.device}, threads={torch.get_num_threads()}")
+          f"after {warmup}), rounds={args.e2e_rounds}, device={args.device}, threads={torch.get_num_threads()}")
     for name, label in (("job", "default job"), ("bare_loop", "bare loop")):
         print(f"  {label:12s} {rate[name]:7.2f} it/s   rounds {[round(v, 2) for v in rates[name]]}"
               + (f"   ({cpu_rate[name]:.2f} per CPU second)" if on_cpu else ""))
@@ -490,7 +490,7 @@ def e2e_part(args) -> dict:
     if on_cpu:
         line += f"; by CPU time {cpu_rate['job'] / cpu_rate['bare_loop']:.3f}x"
     print(line + ")  (target >= 0.95x)")
-    out = {"steps": steps, "warmup": warmup, "rounds": args.rounds, "overrides": overrides, "it_per_s": rate,
+    out = {"steps": steps, "warmup": warmup, "rounds": args.e2e_rounds, "overrides": overrides, "it_per_s": rate,
            "round_it_per_s": rates, "job_over_bare_loop": ratio, "job_over_bare_loop_paired": paired}
     if on_cpu:
         out.update(it_per_cpu_s=cpu_rate, round_it_per_cpu_s=cpu_rates,
@@ -505,8 +505,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--shape", choices=list(SHAPES), default="bench", help="shape of part model")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated, of part model")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per round (part model)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round (part model)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (part model)")
+    parser.add_argument("--e2e-rounds", type=int, default=3, help="interleaved rounds (part e2e)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (part model)")
     parser.add_argument("--e2e-steps", type=int, default=200, help="steps of each default-job run (part e2e)")
     parser.add_argument("--e2e-warmup", type=int, default=20, help="untimed first steps (part e2e)")

@@ -38,7 +38,7 @@ STARTED=$SECONDS
 if [[ "$DEVICE" == cpu ]]; then  # smoke sizes: every code path, a few steps
   TRAIN_BIG=(--shape tiny --steps 2 --rounds 1 --warmup 1 --precision fp32)
   TRAIN_BENCH=(--shape tiny --steps 2 --rounds 1 --warmup 1)
-  E2E=(--e2e-steps 6 --e2e-warmup 2 --rounds 1 model=tiny data.seq_len=32 data.batch_size=4 tokenizer.vocab_size=512)
+  E2E=(--e2e-steps 6 --e2e-warmup 2 --e2e-rounds 1 model=tiny data.seq_len=32 data.batch_size=4 tokenizer.vocab_size=512)
   GPT2=(2 64 4 128)      # layers, d_model, heads, positions of the probed model
   PROMPTS=(prompts.n=4 prompts.max_len=32 "probes.layer_horizon.ks=[1,2]")
   PASS=(--batch 4 --seq 32 --repeats 1 --n-random 16 --no-memory)
@@ -46,7 +46,7 @@ if [[ "$DEVICE" == cpu ]]; then  # smoke sizes: every code path, a few steps
 else
   TRAIN_BIG=(--shape gpt2-small --steps 20 --rounds 3 --warmup 5 --precision bf16)
   TRAIN_BENCH=(--shape bench --steps 20 --rounds 3 --warmup 5)
-  E2E=(--e2e-steps 200 --e2e-warmup 20 --rounds 2 --precision bf16)
+  E2E=(--e2e-steps 200 --e2e-warmup 20 --e2e-rounds 2 --precision bf16)
   GPT2=(12 768 12 1024)  # GPT-2 small
   PROMPTS=(prompts.n=32 prompts.max_len=128)
   PASS=(--batch 32 --seq 128 --repeats 3 --n-random 256)
@@ -127,6 +127,7 @@ if [[ -f benchmarks/bench_scale.py ]]; then
   SCALE_ARGS=()
   [[ "$SCALE_HELP" == *--json* ]] && SCALE_ARGS+=(--json "$WORK/scale.json")
   [[ "$DEVICE" == cpu && "$SCALE_HELP" == *--models* ]] && SCALE_ARGS+=(--models gpt2 --batch 2 --tokens 16 --rounds 1)
+  [[ "$DEVICE" != cpu && "$SCALE_HELP" == *--models* ]] && SCALE_ARGS+=(--models gpt2,pythia-160m,gpt2-xl --rounds 3)
   if [[ "$SCALE_HELP" == *--device* ]]; then
     run_part scale 240 "$PYTHON" benchmarks/bench_scale.py --device "$DEVICE" ${SCALE_ARGS[@]+"${SCALE_ARGS[@]}"}
   elif [[ "$DEVICE" == cpu ]]; then

@@ -22,8 +22,8 @@ from reference_models import (
 from reference_models import single_thread  # noqa: F401  (autouse fixture: torch on one thread)
 
 from residual_dynamics.probes.arch import Arch
-from residual_dynamics.probes.common import ProbeUnsupported
-from residual_dynamics.probes.logit_lens import logit_lens, unsupported
+from residual_dynamics.probes.common import ProbeUnsupported, Unsupported
+from residual_dynamics.probes.logit_lens import logit_lens, logit_lens_with_rows, plan_rows, unsupported
 
 
 def padded_tokens():
@@ -65,6 +65,33 @@ def test_matches_float64_brute_force(variant):
     assert result.kl[-1].item() == pytest.approx(0.0, abs=1e-5)  # the last layer is the model's output
     assert result.kl[0].item() > 1e-3
     assert result.n_scored == 7 + 4 + 6  # scored predictions of the three rows
+
+
+@pytest.mark.parametrize("variant", ["ln_gelu", "rms_gated_gqa"])
+def test_chunked_rows_match_the_brute_force_and_the_budget_sets_them(variant):
+    """One row per chunk, two, or all: the same float64 brute-force numbers; a budget sets the rows; one too
+    small for a single row is a note, not a crash."""
+    bridge = make_bridge(**VARIANTS[variant])
+    ref = Reference(bridge)
+    tokens, attention_mask = padded_tokens()
+    final_logits, _, streams = ref.forward(tokens, attention_mask)
+    per_layer = 2 if ref.has_mlp else 1
+    expected = torch.stack([lens_by_loops(ref.logits(streams[per_layer * (layer + 1)]), final_logits, tokens,
+                                          attention_mask)[1] for layer in range(ref.cfg.n_layers)])
+    whole = logit_lens(bridge, tokens, attention_mask=attention_mask)
+    for rows in (1, 2):
+        chunked = logit_lens_with_rows(bridge, tokens, rows, attention_mask=attention_mask)
+        torch.testing.assert_close(chunked.kl, expected, atol=2e-5, rtol=0)
+        torch.testing.assert_close(chunked.loss, whole.loss, atol=1e-6, rtol=0)
+        assert chunked.n_scored == whole.n_scored
+    arch = Arch.of(bridge)
+    per_row = plan_rows(arch, batch=3, seq=tokens.shape[1], d_vocab=bridge.cfg.d_vocab, budget=10**9)[1]
+    one_row = int(1.5 * per_row / 0.85)
+    assert plan_rows(arch, batch=3, seq=tokens.shape[1], d_vocab=bridge.cfg.d_vocab, budget=one_row)[0] == 1
+    small = logit_lens(bridge, tokens, attention_mask=attention_mask, max_memory=str(one_row))
+    torch.testing.assert_close(small.kl, expected, atol=2e-5, rtol=0)
+    tiny = logit_lens(bridge, tokens, attention_mask=attention_mask, max_memory=str(per_row // 2))
+    assert isinstance(tiny, Unsupported) and "smallest chunk" in tiny.note and tiny.records() == []
 
 
 def test_planted_relay_lens():

@@ -26,10 +26,14 @@ and ``p + 1`` real tokens (position 0 and padding excluded, as in ``position_mas
 ``kl`` is KL(final || lens), the direction of the tuned-lens paper ("Eliciting Latent Predictions from
 Transformers with the Tuned Lens"). The last layer decodes to the model's own logits (kl = 0 there).
 
-Cost and memory: one plain forward for the final distribution, then one forward that stops after the
-last block with a hook on every ``resid_post`` that decodes it and reduces it to two scalars on the
-device at once: at most one [batch, pos, d_vocab] tensor (plus the final log-probabilities at the scored
-positions) is alive at any time, never [layers, batch, pos, d_vocab].
+Cost and memory: per chunk of batch rows, one plain forward for the final distribution, then one
+forward that stops after the last block with a hook on every ``resid_post`` that decodes it and reduces
+it to two sums on the device at once: at most one [rows, pos, d_vocab] decoding (plus the final
+log-probabilities and probabilities of the rows' scored predictions) is alive at any time, never
+[layers, batch, pos, d_vocab]. The rows per chunk are the most whose estimate (:func:`plan_rows`) fits
+``max_memory``; the sums are float64, so every chunking gives the same means (up to the float32 rounding
+of forwards over a different number of rows). A budget too small for one
+row gives an :class:`Unsupported` result with a note.
 
 Records: ``logit_lens/loss`` and ``logit_lens/kl`` per layer, ``logit_lens/loss_final``.
 """
@@ -42,16 +46,35 @@ from typing import Optional
 import torch
 
 from residual_dynamics.probes.arch import Arch
-from residual_dynamics.probes.common import Record, position_mask, raise_if_unsupported
+from residual_dynamics.probes.common import (
+    Record,
+    check_max_memory,
+    does_not_fit,
+    forward_bytes_per_row,
+    memory_budget,
+    position_mask,
+    raise_if_unsupported,
+)
+
+_PLANNED_SHARE = 0.85  # of max_memory the estimate may fill (the rest: allocator overhead, small temporaries)
+# [pos, d_vocab] float32 tensors per row beyond the forward's own: the final log-probabilities and
+# probabilities (kept), one layer's decoded logits, their scored copy and its log-softmax
+_VOCAB_COPIES = 5
 
 
 @dataclass
 class Options:
-    """The keyword options of :func:`logit_lens` (the ``probes.logit_lens`` config section): none; the
-    section has only ``enabled`` / ``early``."""
+    """The keyword options of :func:`logit_lens` (the ``probes.logit_lens`` config section).
+
+    max_memory: memory budget of the probe (e.g. "2GB"); sets the batch rows per chunk; null =
+                ``probes.max_memory``.
+    """
+
+    max_memory: Optional[str] = None
 
     def check(self, arch: Arch) -> None:
-        """Nothing to check (no options)."""
+        """Raise ConfigError(<option>, message) for a bad value; runs no probe."""
+        check_max_memory(self.max_memory)
 
 
 def unsupported(arch: Arch) -> Optional[str]:
@@ -126,6 +149,15 @@ def stop_forward(activation: torch.Tensor) -> None:
     raise StopAtLayerException(activation)
 
 
+def plan_rows(arch: Arch, *, batch: int, seq: int, d_vocab: int, budget: int) -> tuple[int, int]:
+    """(batch rows per chunk within ``budget`` bytes, 0 when not even one row fits; bytes of one row):
+    per row one forward's working set with its logits (:func:`forward_bytes_per_row`) and
+    ``_VOCAB_COPIES`` [pos, d_vocab] float32 tensors, within 85% of the budget."""
+    per_row = forward_bytes_per_row(seq=seq, d_model=arch.d_model, d_mlp=arch.d_mlp, n_heads=arch.n_heads,
+                                    d_vocab=d_vocab) + 4 * _VOCAB_COPIES * seq * d_vocab
+    return min(batch, int(_PLANNED_SHARE * budget) // per_row), per_row
+
+
 # --- the probe -------------------------------------------------------------------------------------------
 
 
@@ -134,35 +166,76 @@ def logit_lens(
     bridge,
     tokens: torch.Tensor,
     *,
+    max_memory: Optional[str] = None,
     attention_mask: Optional[torch.Tensor] = None,
     arch: Optional[Arch] = None,
-) -> LogitLens:
+):
     """Loss and KL to the final distribution of every layer's resid_post decoded through the final norm
     and the unembedding; see the module doc.
 
     tokens:         [batch, pos] token ids.
+    max_memory:     memory budget (bytes or e.g. "2GB"; default ``DEFAULT_MAX_MEMORY``): sets the rows per
+                    chunk (:func:`plan_rows`); too small for one row -> an :class:`Unsupported` with a note.
     attention_mask: optional [batch, pos], 1 = real token (padding on the right); passed to the forwards.
     arch:           the model's :class:`~residual_dynamics.probes.arch.Arch` (built from the bridge if not
                     given). Raises ProbeUnsupported when the bridge lacks the hooks (:func:`unsupported`).
     """
     arch = Arch.of(bridge) if arch is None else arch
     raise_if_unsupported(unsupported(arch))
+    budget = memory_budget(max_memory)
+    rows, per_row = plan_rows(arch, batch=tokens.shape[0], seq=tokens.shape[1], d_vocab=int(bridge.cfg.d_vocab),
+                              budget=budget)
+    if rows < 1:
+        return does_not_fit("logit_lens", int(per_row / _PLANNED_SHARE), budget,
+                            "raise probes.max_memory or use shorter prompts")
+    return logit_lens_with_rows(bridge, tokens, rows, attention_mask=attention_mask, arch=arch)
+
+
+@torch.no_grad()
+def logit_lens_with_rows(bridge, tokens: torch.Tensor, rows: int, *, attention_mask: Optional[torch.Tensor] = None,
+                         arch: Optional[Arch] = None) -> LogitLens:
+    """:func:`logit_lens` over chunks of ``rows`` batch rows (any chunking, e.g. to check that it changes
+    nothing); no memory check."""
+    arch = Arch.of(bridge) if arch is None else arch
+    raise_if_unsupported(unsupported(arch))
     scored = scored_predictions(tokens, attention_mask)
+    count = arch.n_layers
+    loss_sum = torch.zeros(count, dtype=torch.float64, device=tokens.device)
+    kl_sum = torch.zeros(count, dtype=torch.float64, device=tokens.device)
+    final_sum = torch.zeros((), dtype=torch.float64, device=tokens.device)
+    for start in range(0, tokens.shape[0], rows):
+        chunk = slice(start, start + rows)
+        if not scored[chunk].any():
+            continue
+        mask = None if attention_mask is None else attention_mask[chunk]
+        _lens_sums(bridge, arch, tokens[chunk], scored[chunk], mask, loss_sum, kl_sum, final_sum)
+    n_scored = int(scored.sum())
+    return LogitLens(
+        loss=(loss_sum / n_scored).cpu(),
+        kl=(kl_sum / n_scored).cpu(),
+        loss_final=(final_sum / n_scored).cpu(),
+        n_scored=n_scored,
+    )
+
+
+def _lens_sums(bridge, arch: Arch, tokens, scored, attention_mask, loss_sum, kl_sum, final_sum) -> None:
+    """Add the summed losses and KLs of these rows' scored predictions to the float64 accumulators."""
     targets = targets_of(tokens, scored)
     forward_kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-
-    final = scored_log_probs(bridge(tokens, **forward_kwargs), scored)
+    final = scored_log_probs(bridge(tokens, **forward_kwargs), scored)  # [M, d_vocab]
     final_probs = final.exp()
-    loss_final = loss_of(final, targets)
+    # KL(p || q) = sum_v p log p - sum_v p log q; the first part once per prediction
+    neg_entropy = torch.einsum("mv,mv->m", final_probs, final)
+    final_sum += -final.gather(-1, targets[:, None]).double().sum()
     count = arch.n_layers
-    losses: list[Optional[torch.Tensor]] = [None] * count
-    kls: list[Optional[torch.Tensor]] = [None] * count
+    fired = [False] * count
 
     def lens(layer: int):
         def hook_fn(resid: torch.Tensor, hook) -> None:
             log_q = scored_log_probs(decode(bridge, resid), scored)
-            losses[layer] = loss_of(log_q, targets)
-            kls[layer] = (final_probs * (final - log_q)).sum(-1).mean()
+            loss_sum[layer] += -log_q.gather(-1, targets.to(log_q.device)[:, None]).double().sum()
+            kl_sum[layer] += (neg_entropy - torch.einsum("mv,mv->m", final_probs, log_q)).double().sum()
+            fired[layer] = True
             del log_q
             if layer == count - 1:
                 stop_forward(resid)
@@ -171,12 +244,6 @@ def logit_lens(
 
     hooks = [(arch.hook("resid_post", layer), lens(layer)) for layer in range(count)]
     bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None, **forward_kwargs)
-    missing = [layer for layer in range(count) if losses[layer] is None]
+    missing = [layer for layer in range(count) if not fired[layer]]
     if missing:
         raise RuntimeError(f"logit_lens: the resid_post hooks of layers {missing} never fired")
-    return LogitLens(
-        loss=torch.stack(losses).double().cpu(),
-        kl=torch.stack(kls).double().cpu(),
-        loss_final=loss_final.double().cpu(),
-        n_scored=int(scored.sum()),
-    )
