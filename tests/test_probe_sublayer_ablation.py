@@ -25,8 +25,8 @@ from reference_models import (
 from reference_models import single_thread  # noqa: F401  (autouse fixture: torch on one thread)
 
 from residual_dynamics.probes.arch import Arch
-from residual_dynamics.probes.common import ProbeUnsupported
-from residual_dynamics.probes.sublayer_ablation import Options, sublayer_ablation, unsupported
+from residual_dynamics.probes.common import ProbeUnsupported, Unsupported
+from residual_dynamics.probes.sublayer_ablation import Options, plan_chunks, sublayer_ablation, unsupported
 
 
 def padded_tokens():
@@ -78,6 +78,24 @@ def test_chunking_gives_the_same_numbers():
     for max_batch in (6, 100):
         other = sublayer_ablation(bridge, tokens, attention_mask=attention_mask, max_batch=max_batch)
         torch.testing.assert_close(other.loss, one.loss, atol=1e-5, rtol=0)
+
+
+def test_memory_budget_sets_the_chunks_and_keeps_the_brute_force_numbers():
+    """A budget that fits one copy and one decoded row at a time gives the float64 brute-force losses; a
+    larger one more rows and copies; one too small for either is a note, not a crash."""
+    bridge = make_bridge()
+    tokens, attention_mask = padded_tokens()
+    clean, losses = brute_force(Reference(bridge), tokens, attention_mask, "mean")
+    arch = Arch.of(bridge)
+    sizes = dict(batch=tokens.shape[0], seq=tokens.shape[1], d_vocab=bridge.cfg.d_vocab, copies=100)
+    _, _, smallest = plan_chunks(arch, budget=10**9, **sizes)
+    assert plan_chunks(arch, budget=smallest, **sizes)[:2] == (1, 1)
+    assert plan_chunks(arch, budget=10**9, **sizes)[:2] == (100, tokens.shape[0])
+    tight = sublayer_ablation(bridge, tokens, attention_mask=attention_mask, max_batch=300, max_memory=str(smallest))
+    torch.testing.assert_close(tight.loss_clean, clean, atol=2e-5, rtol=0)
+    torch.testing.assert_close(tight.loss, losses, atol=2e-5, rtol=0)
+    small = sublayer_ablation(bridge, tokens, attention_mask=attention_mask, max_memory=str(smallest // 2))
+    assert isinstance(small, Unsupported) and "smallest chunk" in small.note and small.records() == []
 
 
 @pytest.mark.parametrize("mode", ["mean", "zero"])

@@ -29,6 +29,10 @@ through its own output hook; each copy's loss is computed in a hook on the last 
 [batch, pos, d_vocab] tensor is alive), and the forward stops there. A chunk costs about one forward of
 ``len(chunk)`` times the batch; ``max_batch`` bounds the rows per forward (default: all sublayers in one
 forward on an accelerator, one sublayer per forward on CPU, where a bigger batch is slower per token).
+Memory: ``max_memory`` bounds the probe's own memory (:func:`plan_chunks`): the copies per forward, and the rows
+decoded at a time (a [rows, pos, d_vocab] decoding with its log-softmax); losses are float64 sums over
+those rows, so the chunking changes nothing but float32 rounding. A budget too small for one copy and one
+decoded row gives an :class:`Unsupported` result with a note.
 
 Records: ``ablation/loss_clean``; ``ablation/<mode>/attn`` and ``ablation/<mode>/mlp`` per layer (the
 loss increase; the mode is in the name so that mean- and zero-ablation numbers never mix).
@@ -42,10 +46,19 @@ from typing import Optional
 import torch
 
 from residual_dynamics.probes.arch import Arch, Sublayer
-from residual_dynamics.probes.common import Record, check_choice, check_int, position_mask, raise_if_unsupported
+from residual_dynamics.probes.common import (
+    Record,
+    check_choice,
+    check_int,
+    check_max_memory,
+    does_not_fit,
+    forward_bytes_per_row,
+    memory_budget,
+    position_mask,
+    raise_if_unsupported,
+)
 from residual_dynamics.probes.logit_lens import (
     decode,
-    loss_of,
     scored_log_probs,
     scored_predictions,
     stop_forward,
@@ -59,17 +72,42 @@ MODES = ("mean", "zero")
 class Options:
     """The keyword options of :func:`sublayer_ablation` (the ``probes.sublayer_ablation`` section).
 
-    mode:      "mean" (replace by the probe batch's mean over real positions) or "zero".
-    max_batch: most rows per ablation forward (>= 1); null = the default of :func:`sublayer_ablation`.
+    mode:       "mean" (replace by the probe batch's mean over real positions) or "zero".
+    max_batch:  most rows per ablation forward (>= 1); null = the default of :func:`sublayer_ablation`.
+    max_memory: memory budget of the probe (e.g. "2GB"); null = ``probes.max_memory``.
     """
 
     mode: str = "mean"
     max_batch: Optional[int] = None
+    max_memory: Optional[str] = None
 
     def check(self, arch: Arch) -> None:
         """Raise ConfigError(<option>, message) for a bad value; runs no probe."""
         check_choice(self.mode, "mode", MODES)
         check_int(self.max_batch, "max_batch", minimum=1, optional=True)
+        check_max_memory(self.max_memory)
+
+
+_PLANNED_SHARE = 0.85  # of max_memory the estimate may fill
+_DECODE_COPIES = 3  # [pos, d_vocab] float32 tensors per decoded row: logits, their scored copy, log-softmax
+
+
+def plan_chunks(arch: Arch, *, batch: int, seq: int, d_vocab: int, budget: int, copies: int) -> tuple[int, int, int]:
+    """(copies of the batch per ablation forward, at most ``copies``; rows decoded at a time; bytes needed
+    at the smallest chunk), with 0 copies when one copy and one decoded row do not fit 85% of ``budget``.
+    Per copy: the batch's forward working set up to the last block (no logits, the forward stops there);
+    per decoded row: ``_DECODE_COPIES`` [pos, d_vocab] float32 tensors. Up to half the budget goes to the
+    decoding, the rest to the copies."""
+    usable = int(_PLANNED_SHARE * budget)
+    copy_bytes = batch * forward_bytes_per_row(seq=seq, d_model=arch.d_model, d_mlp=arch.d_mlp, n_heads=arch.n_heads,
+                                               d_vocab=d_vocab, logits=False)
+    row_bytes = 4 * _DECODE_COPIES * seq * d_vocab
+    smallest = int((copy_bytes + row_bytes) / _PLANNED_SHARE) + 2  # the least budget whose 85% holds both
+    if copy_bytes + row_bytes > usable:
+        return 0, 0, smallest
+    rows = max(1, min(batch, (usable // 2) // row_bytes, (usable - copy_bytes) // row_bytes))
+    fit = max(1, (usable - rows * row_bytes) // copy_bytes)
+    return int(min(copies, fit)), int(rows), smallest
 
 
 def unsupported(arch: Arch) -> Optional[str]:
@@ -119,15 +157,18 @@ def sublayer_ablation(
     *,
     mode: str = "mean",
     max_batch: Optional[int] = None,
+    max_memory: Optional[str] = None,
     attention_mask: Optional[torch.Tensor] = None,
     arch: Optional[Arch] = None,
-) -> SublayerAblation:
+):
     """Loss increase of mean- (or zero-) ablating each sublayer; see the module doc.
 
     tokens:         [batch, pos] token ids.
     mode:           "mean" or "zero".
     max_batch:      most rows per ablation forward: the sublayers are ablated ``max(1, max_batch // batch)``
                     at a time. Default: all at once on an accelerator, one at a time on CPU.
+    max_memory:     memory budget (bytes or e.g. "2GB"; default ``DEFAULT_MAX_MEMORY``): caps the copies per
+                    forward and sets the rows decoded at a time (:func:`plan_chunks`).
     attention_mask: optional [batch, pos], 1 = real token (padding on the right).
     arch:           the model's :class:`~residual_dynamics.probes.arch.Arch` (built from the bridge if not
                     given). Raises ProbeUnsupported when the bridge lacks the hooks (:func:`unsupported`).
@@ -140,11 +181,27 @@ def sublayer_ablation(
     batch = tokens.shape[0]
     real = position_mask(tokens, attention_mask)
     scored = scored_predictions(tokens, attention_mask)
-    targets = targets_of(tokens, scored)
     last_resid = arch.hook("resid_post", arch.n_layers - 1)
     if max_batch is None:
         max_batch = batch if tokens.device.type == "cpu" else batch * len(plan)
-    per_forward = max(1, max_batch // batch)
+    budget = memory_budget(max_memory)
+    per_forward, decode_rows, smallest = plan_chunks(arch, batch=batch, seq=tokens.shape[1],
+                                               d_vocab=int(bridge.cfg.d_vocab), budget=budget,
+                                               copies=max(1, max_batch // batch))
+    if per_forward < 1:
+        return does_not_fit("sublayer_ablation", smallest, budget, "raise probes.max_memory or use shorter prompts")
+    n_scored = int(scored.sum())
+
+    def summed_loss(resid: torch.Tensor) -> torch.Tensor:
+        """Mean loss of the scored predictions decoded from ``resid`` [batch, pos, d_model], ``decode_rows``
+        rows at a time (float64 sum)."""
+        total = torch.zeros((), dtype=torch.float64, device=resid.device)
+        for start in range(0, batch, decode_rows):
+            rows = slice(start, start + decode_rows)
+            if scored[rows].any():
+                log_q = scored_log_probs(decode(bridge, resid[rows]), scored[rows])
+                total += -log_q.gather(-1, targets_of(tokens[rows], scored[rows]).to(log_q.device)[:, None]).double().sum()
+        return total / n_scored
 
     # Clean pass: the loss (decoded at the last block, like the ablated copies) and the means.
     sums: list[Optional[torch.Tensor]] = [None] * len(plan)
@@ -157,7 +214,7 @@ def sublayer_ablation(
         return hook_fn
 
     def clean_loss(resid: torch.Tensor, hook) -> None:
-        clean.append(loss_of(scored_log_probs(decode(bridge, resid), scored), targets))
+        clean.append(summed_loss(resid))
         stop_forward(resid)
 
     hooks = [(sub.output_hook, accumulate(i)) for i, sub in enumerate(plan)] if mode == "mean" else []
@@ -171,8 +228,8 @@ def sublayer_ablation(
 
     losses = []
     for start in range(0, len(plan), per_forward):
-        losses += _ablated_losses(bridge, tokens, plan[start : start + per_forward], means, real, scored,
-                                  targets, last_resid, attention_mask)
+        losses += _ablated_losses(bridge, tokens, plan[start : start + per_forward], means, real, summed_loss,
+                                  last_resid, attention_mask)
     loss = torch.stack(losses).double().cpu()
     loss_clean = clean[0].double().cpu()
     return SublayerAblation(
@@ -191,8 +248,7 @@ def _run(bridge, tokens: torch.Tensor, hooks: list, attention_mask: Optional[tor
 
 
 def _ablated_losses(bridge, tokens: torch.Tensor, chunk: list[Sublayer], means: list, real: torch.Tensor,
-                    scored: torch.Tensor, targets: torch.Tensor, last_resid: str,
-                    attention_mask: Optional[torch.Tensor]) -> list[torch.Tensor]:
+                    summed_loss, last_resid: str, attention_mask: Optional[torch.Tensor]) -> list[torch.Tensor]:
     """Losses of one forward over ``len(chunk)`` copies of the batch, copy c ablating ``chunk[c]``."""
     batch = tokens.shape[0]
     losses: list[torch.Tensor] = []
@@ -210,8 +266,7 @@ def _ablated_losses(bridge, tokens: torch.Tensor, chunk: list[Sublayer], means: 
 
     def copy_losses(resid: torch.Tensor, hook) -> None:
         for copy in range(len(chunk)):
-            rows = resid[copy * batch : (copy + 1) * batch]
-            losses.append(loss_of(scored_log_probs(decode(bridge, rows), scored), targets))
+            losses.append(summed_loss(resid[copy * batch : (copy + 1) * batch]))
         stop_forward(resid)
 
     hooks = [(sub.output_hook, ablate(copy, sub)) for copy, sub in enumerate(chunk)] + [(last_resid, copy_losses)]
