@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu",
                         help="cpu, or cuda: then times are wall times after a synchronize, and memory is the peak "
                              "of torch.cuda.max_memory_allocated above the loaded model")
+    parser.add_argument("--pass-only", action="store_true",
+                        help="measure residual_norms + activation_rates only as their shared pass, not each alone")
     parser.add_argument("--compare-spill", action="store_true",
                         help="also run cleanup with probes.cleanup.spill=false (one forward per chunk of writers "
                              "when the activations exceed max_memory) next to the default (spilled) one")
@@ -234,7 +236,9 @@ def run_model(args: argparse.Namespace) -> list[dict]:
     runs = {}
     if "residual_norms" in options and "activation_rates" in options:
         runs["activation pass"] = {probe: options[probe] for probe in ("residual_norms", "activation_rates")}
-    runs.update({probe: {probe: options[probe]} for probe in options})
+    singles = [probe for probe in options
+               if not (args.pass_only and "activation pass" in runs and probe in runs["activation pass"])]
+    runs.update({probe: {probe: options[probe]} for probe in singles})
     if args.compare_spill and "cleanup" in options:
         import dataclasses
 
@@ -330,6 +334,7 @@ def main(argv=None) -> None:
         command += ["--probes", args.probes] if args.probes else []
         command += ["--max-memory", args.max_memory] if args.max_memory else []
         command += ["--compare-spill"] if args.compare_spill else []
+        command += ["--pass-only"] if args.pass_only else []
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         lines = [line for line in done.stdout.splitlines() if line.startswith("ROWS ")]
