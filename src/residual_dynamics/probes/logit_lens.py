@@ -203,9 +203,10 @@ def logit_lens_with_rows(bridge, tokens: torch.Tensor, rows: int, *, attention_m
     loss_sum = torch.zeros(count, dtype=torch.float64, device=tokens.device)
     kl_sum = torch.zeros(count, dtype=torch.float64, device=tokens.device)
     final_sum = torch.zeros((), dtype=torch.float64, device=tokens.device)
+    has_scored = scored.any(1).cpu()
     for start in range(0, tokens.shape[0], rows):
         chunk = slice(start, start + rows)
-        if not scored[chunk].any():
+        if not bool(has_scored[chunk].any()):
             continue
         mask = None if attention_mask is None else attention_mask[chunk]
         _lens_sums(bridge, arch, tokens[chunk], scored[chunk], mask, loss_sum, kl_sum, final_sum)

@@ -191,16 +191,19 @@ def sublayer_ablation(
     if per_forward < 1:
         return does_not_fit("sublayer_ablation", smallest, budget, "raise probes.max_memory or use shorter prompts")
     n_scored = int(scored.sum())
+    # the row chunks decoded at a time that hold a scored prediction, with their targets (made once)
+    has_scored = scored.any(1).cpu()
+    decode_chunks = [(rows, targets_of(tokens[rows], scored[rows]))
+                     for rows in (slice(start, start + decode_rows) for start in range(0, batch, decode_rows))
+                     if bool(has_scored[rows].any())]
 
     def summed_loss(resid: torch.Tensor) -> torch.Tensor:
         """Mean loss of the scored predictions decoded from ``resid`` [batch, pos, d_model], ``decode_rows``
         rows at a time (float64 sum)."""
         total = torch.zeros((), dtype=torch.float64, device=resid.device)
-        for start in range(0, batch, decode_rows):
-            rows = slice(start, start + decode_rows)
-            if scored[rows].any():
-                log_q = scored_log_probs(decode(bridge, resid[rows]), scored[rows])
-                total += -log_q.gather(-1, targets_of(tokens[rows], scored[rows]).to(log_q.device)[:, None]).double().sum()
+        for rows, targets in decode_chunks:
+            log_q = scored_log_probs(decode(bridge, resid[rows]), scored[rows])
+            total += -log_q.gather(-1, targets.to(log_q.device)[:, None]).double().sum()
         return total / n_scored
 
     # Clean pass: the loss (decoded at the last block, like the ablated copies) and the means.
