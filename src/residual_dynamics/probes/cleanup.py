@@ -95,6 +95,7 @@ import torch
 from residual_dynamics.errors import ConfigError
 from residual_dynamics.probes.arch import Arch
 from residual_dynamics.probes.common import (
+    PLANNED_SHARE,
     Record,
     check_bool,
     check_int,
@@ -110,9 +111,6 @@ from residual_dynamics.probes.common import (
 
 QUANTILES = (0.25, 0.5, 0.75)
 _FLOAT = 4  # bytes per element of every table (float32)
-# the share of max_memory the estimate below may fill: the rest covers the allocator's overhead and small
-# temporaries it leaves out (measured on GPT-2 XL, benchmarks/bench_scale.py: peak ~1.12 x the estimate)
-_PLANNED_SHARE = 0.85
 _NODE_BLOCK = 32  # node outputs (whole groups: up to one group more) per batched product with the writers
 
 
@@ -357,7 +355,7 @@ def plan(arch: Arch, *, batch: int, seq: int, n_kept: int, n_writers: int, d_voc
         waiting = n_writers * mixing if cache and not cache_patterns else 0
         return fixed + stored + transient + waiting, per_writer + rows * per_writer_row + 2 * mixing
 
-    usable = int(_PLANNED_SHARE * budget)
+    usable = int(PLANNED_SHARE * budget)
 
     def fitting_writers(cache: bool, cache_patterns: bool, rows: int, spill: bool = False) -> tuple[int, int]:
         """(most writers per chunk that fit, bytes with that many); 0 writers when none fit."""
@@ -365,7 +363,7 @@ def plan(arch: Arch, *, batch: int, seq: int, n_kept: int, n_writers: int, d_voc
         count = min(n_writers, max(0, (usable - base) // step))
         return int(count), int(base + max(count, 1) * step)
 
-    smallest = int(sum(need(False, False, 1)) / _PLANNED_SHARE)
+    smallest = int(sum(need(False, False, 1)) / PLANNED_SHARE)
     best, best_key = None, None
     candidate_rows = sorted({max(1, -(-batch // parts)) for parts in (1, 2, 4, 8, 16, 32, 64, 128, batch)},
                             reverse=True)

@@ -162,6 +162,10 @@ def check_layer_pair(value, field: str, n_layers: Optional[int]) -> None:
 
 #: The default budget of every probe's own memory (``probes.max_memory``).
 DEFAULT_MAX_MEMORY = "2GB"
+# the share of max_memory a probe's memory estimate may fill: the rest covers the allocator's overhead and
+# small temporaries the estimates leave out (measured on GPT-2 XL, benchmarks/bench_scale.py: clean-up's
+# peak ~1.12 x its estimate)
+PLANNED_SHARE = 0.85
 
 _BYTE_UNITS = {
     "": 1, "b": 1,

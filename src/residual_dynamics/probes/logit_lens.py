@@ -47,6 +47,7 @@ import torch
 
 from residual_dynamics.probes.arch import Arch
 from residual_dynamics.probes.common import (
+    PLANNED_SHARE,
     Record,
     check_max_memory,
     does_not_fit,
@@ -56,7 +57,6 @@ from residual_dynamics.probes.common import (
     raise_if_unsupported,
 )
 
-_PLANNED_SHARE = 0.85  # of max_memory the estimate may fill (the rest: allocator overhead, small temporaries)
 # [pos, d_vocab] float32 tensors per row beyond the forward's own: the final log-probabilities and
 # probabilities (kept), one layer's decoded logits, their scored copy and its log-softmax
 _VOCAB_COPIES = 5
@@ -155,7 +155,7 @@ def plan_rows(arch: Arch, *, batch: int, seq: int, d_vocab: int, budget: int) ->
     ``_VOCAB_COPIES`` [pos, d_vocab] float32 tensors, within 85% of the budget."""
     per_row = forward_bytes_per_row(seq=seq, d_model=arch.d_model, d_mlp=arch.d_mlp, n_heads=arch.n_heads,
                                     d_vocab=d_vocab) + 4 * _VOCAB_COPIES * seq * d_vocab
-    return min(batch, int(_PLANNED_SHARE * budget) // per_row), per_row
+    return min(batch, int(PLANNED_SHARE * budget) // per_row), per_row
 
 
 # --- the probe -------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def logit_lens(
     rows, per_row = plan_rows(arch, batch=tokens.shape[0], seq=tokens.shape[1], d_vocab=int(bridge.cfg.d_vocab),
                               budget=budget)
     if rows < 1:
-        return does_not_fit("logit_lens", int(per_row / _PLANNED_SHARE), budget,
+        return does_not_fit("logit_lens", int(per_row / PLANNED_SHARE), budget,
                             "raise probes.max_memory or use shorter prompts")
     return logit_lens_with_rows(bridge, tokens, rows, attention_mask=attention_mask, arch=arch)
 

@@ -47,6 +47,7 @@ import torch
 
 from residual_dynamics.probes.arch import Arch, Sublayer
 from residual_dynamics.probes.common import (
+    PLANNED_SHARE,
     Record,
     check_choice,
     check_int,
@@ -88,7 +89,6 @@ class Options:
         check_max_memory(self.max_memory)
 
 
-_PLANNED_SHARE = 0.85  # of max_memory the estimate may fill
 _DECODE_COPIES = 3  # [pos, d_vocab] float32 tensors per decoded row: logits, their scored copy, log-softmax
 
 
@@ -98,11 +98,11 @@ def plan_chunks(arch: Arch, *, batch: int, seq: int, d_vocab: int, budget: int, 
     Per copy: the batch's forward working set up to the last block (no logits, the forward stops there);
     per decoded row: ``_DECODE_COPIES`` [pos, d_vocab] float32 tensors. Up to half the budget goes to the
     decoding, the rest to the copies."""
-    usable = int(_PLANNED_SHARE * budget)
+    usable = int(PLANNED_SHARE * budget)
     copy_bytes = batch * forward_bytes_per_row(seq=seq, d_model=arch.d_model, d_mlp=arch.d_mlp, n_heads=arch.n_heads,
                                                d_vocab=d_vocab, logits=False)
     row_bytes = 4 * _DECODE_COPIES * seq * d_vocab
-    smallest = int((copy_bytes + row_bytes) / _PLANNED_SHARE) + 2  # the least budget whose 85% holds both
+    smallest = int((copy_bytes + row_bytes) / PLANNED_SHARE) + 2  # the least budget whose 85% holds both
     if copy_bytes + row_bytes > usable:
         return 0, 0, smallest
     rows = max(1, min(batch, (usable // 2) // row_bytes, (usable - copy_bytes) // row_bytes))
