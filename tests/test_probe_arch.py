@@ -211,6 +211,8 @@ BAD = [
     ("layer_horizon", dict(max_memory=True), "max_memory", "memory size"),
     ("cleanup", dict(max_memory="-1GB"), "max_memory", "memory size"),
     ("cleanup", dict(max_memory=[2]), "max_memory", "memory size"),
+    ("residual_norms", dict(max_memory="big"), "max_memory", "memory size"),
+    ("activation_rates", dict(max_memory=-5), "max_memory", "positive"),
     ("activation_rates", dict(n_random=0), "n_random", ">= 1"),
     ("activation_rates", dict(n_random="abc"), "n_random", "integer"),
     ("activation_rates", dict(n_random=True), "n_random", "integer"),
@@ -352,7 +354,8 @@ def test_probes_max_memory_reaches_the_probes_that_take_it():
     enabled = config.validated(ARCH, None)
     budgets = {name: getattr(options, "max_memory", "absent") for name, options in enabled.items()}
     assert budgets["layer_horizon"] == budgets["cleanup"] == "3GB"
-    assert budgets["residual_norms"] == "absent"
+    assert budgets["residual_norms"] == budgets["activation_rates"] == "3GB"
+    assert budgets["weight_norms"] == "absent"
     config.cleanup.max_memory = "500MB"
     assert config.enabled()["cleanup"].max_memory == "500MB"
     assert config.enabled()["layer_horizon"].max_memory == "3GB"

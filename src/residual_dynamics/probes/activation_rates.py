@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from residual_dynamics.probes.arch import Arch
-from residual_dynamics.probes.common import Record, check_int, position_mask, raise_if_unsupported
+from residual_dynamics.probes.common import Record, check_int, check_max_memory, position_mask, raise_if_unsupported
 from residual_dynamics.probes.forward import ActivationPass, run_activation_passes
 
 
@@ -39,17 +39,21 @@ from residual_dynamics.probes.forward import ActivationPass, run_activation_pass
 class Options:
     """The keyword options of :func:`activation_rates` (the ``probes.activation_rates`` config section).
 
-    n_random: number of normalized Gaussian inputs (>= 1).
-    seed:     seed of their private generator.
+    n_random:   number of normalized Gaussian inputs (>= 1).
+    seed:       seed of their private generator.
+    max_memory: memory budget of the token forward (e.g. "2GB"): sets its batch rows per chunk
+                (:func:`residual_dynamics.probes.forward.plan_rows`); null = ``probes.max_memory``.
     """
 
     n_random: int = 256
     seed: int = 0
+    max_memory: Optional[str] = None
 
     def check(self, arch: Arch) -> None:
         """Raise ConfigError(<option>, message) for a bad value; runs no probe."""
         check_int(self.n_random, "n_random", minimum=1)
         check_int(self.seed, "seed", minimum=0)
+        check_max_memory(self.max_memory)
 
 
 def unsupported(arch: Arch) -> Optional[str]:
@@ -114,6 +118,7 @@ def activation_rates_pass(
     attention_mask: Optional[torch.Tensor] = None,
     n_random: int = 256,
     seed: int = 0,
+    max_memory: Optional[str] = None,
     arch: Optional[Arch] = None,
 ) -> ActivationPass:
     """The token-pass hooks of :func:`activation_rates` (same arguments) and a finalize step that runs the
@@ -129,14 +134,21 @@ def activation_rates_pass(
     pre_hooks = [arch.hook("mlp_pre", layer) for layer in range(count)]
     mask = position_mask(tokens, attention_mask)
 
-    # (a) Real tokens: count positive pre-activations on real positions inside the hook.
-    token_rates: list[Optional[torch.Tensor]] = [None] * count
+    # (a) Real tokens: count positive pre-activations on real positions inside the hook, summed over the
+    # row chunks of the forward; divided by the number of entries in finalize.
+    positives: list[Optional[torch.Tensor]] = [None] * count
+    widths: list[int] = [0] * count
+    chunk = [slice(0, tokens.shape[0])]  # the batch rows of the current forward (set by begin_rows)
+
+    def begin_rows(rows: slice) -> None:
+        chunk[0] = rows
 
     def token_hook(layer: int):
         def measure(pre: torch.Tensor, hook) -> None:
-            real = mask.to(pre.device)
+            real = mask[chunk[0]].to(pre.device)
             positive = ((pre > 0) & real[..., None]).sum()
-            token_rates[layer] = positive / (real.sum() * pre.shape[-1])
+            positives[layer] = positive if positives[layer] is None else positives[layer] + positive
+            widths[layer] = pre.shape[-1]
 
         return measure
 
@@ -162,6 +174,8 @@ def activation_rates_pass(
                 stat_dtype = torch.promote_types(out.dtype, torch.float32)
                 out_norms.append(torch.linalg.vector_norm(out, dim=-1, dtype=stat_dtype).mean())
 
+        n_real = mask.sum()
+        token_rates = [positive / (n_real.to(positive.device) * width) for positive, width in zip(positives, widths)]
         token_rate, random_rate, random_out_norm = (
             torch.stack(values).float().cpu() for values in (token_rates, random_rates, out_norms)
         )
@@ -175,7 +189,8 @@ def activation_rates_pass(
         )
 
     hooks = [(name, token_hook(layer)) for layer, name in enumerate(pre_hooks)]
-    return ActivationPass(hooks=hooks, finalize=finalize, name="activation_rates")
+    return ActivationPass(hooks=hooks, finalize=finalize, name="activation_rates", begin_rows=begin_rows,
+                          max_memory=max_memory)
 
 
 @torch.no_grad()
@@ -186,13 +201,17 @@ def activation_rates(
     attention_mask: Optional[torch.Tensor] = None,
     n_random: int = 256,
     seed: int = 0,
+    max_memory: Optional[str] = None,
     arch: Optional[Arch] = None,
-) -> ActivationRates:
+):
     """MLP activation rates on ``tokens`` and on ``n_random`` normalized Gaussian inputs (seeded by
     ``seed``), and the MLP output norms on the latter.
 
     tokens:         [batch, pos] token ids.
     attention_mask: optional [batch, pos], 1 = real token; passed to the forward, padding excluded.
+    max_memory:     memory budget (bytes or e.g. "2GB"; default ``DEFAULT_MAX_MEMORY``): the token forward
+                    runs over chunks of batch rows within it (the same counts); too small for one row ->
+                    an :class:`Unsupported` with a note.
     arch:           the model's :class:`~residual_dynamics.probes.arch.Arch` (built from the bridge if
                     not given).
 
@@ -203,5 +222,5 @@ def activation_rates(
     (``run_probes`` does that).
     """
     activation_pass = activation_rates_pass(bridge, tokens, attention_mask=attention_mask, n_random=n_random, seed=seed,
-                                            arch=arch)
-    return run_activation_passes(bridge, tokens, [activation_pass], attention_mask=attention_mask)[0]
+                                            max_memory=max_memory, arch=arch)
+    return run_activation_passes(bridge, tokens, [activation_pass], attention_mask=attention_mask, arch=arch)[0]

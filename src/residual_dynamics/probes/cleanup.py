@@ -94,6 +94,7 @@ import torch
 
 from residual_dynamics.errors import ConfigError
 from residual_dynamics.probes.arch import Arch
+from residual_dynamics.probes.forward import pattern_release_hooks
 from residual_dynamics.probes.common import (
     PLANNED_SHARE,
     Record,
@@ -658,7 +659,8 @@ class _Cleanup:
         from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
         try:
-            out = self.bridge.run_with_hooks(self.tokens[rows], fwd_hooks=hooks, **kwargs)
+            out = self.bridge.run_with_hooks(self.tokens[rows], fwd_hooks=hooks + pattern_release_hooks(self.bridge, arch),
+                                              **kwargs)
         except StopAtLayerException:  # TransformerLens catches it itself; kept for bridges that would not
             out = None
         if logits:

@@ -83,6 +83,7 @@ import torch.nn.functional as F
 
 from residual_dynamics.errors import ConfigError
 from residual_dynamics.probes.arch import Arch, Sublayer
+from residual_dynamics.probes.forward import pattern_release_hooks
 from residual_dynamics.probes.common import (
     Record,
     check_bool,
@@ -383,7 +384,8 @@ def layer_horizon(
             if mode == "clean":
                 keep_hooks += [(sub.output_hook, keep("outputs", s)) for s, sub in enumerate(subs)]
             forward_kwargs = {} if row_mask is None else {"attention_mask": row_mask}
-            logits = bridge.run_with_hooks(row_tokens, fwd_hooks=keep_hooks, **forward_kwargs)
+            logits = bridge.run_with_hooks(row_tokens, fwd_hooks=keep_hooks + pattern_release_hooks(bridge, arch),
+                                            **forward_kwargs)
             clean_losses.append(_token_losses(logits, row_tokens, row_scored))
             del logits
             embedding = clean["embedding"].get(-1)
@@ -456,7 +458,8 @@ def _windowed_token_losses(
 
     copies = len(windows.ks)
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask.repeat(copies, 1)}
-    logits = bridge.run_with_hooks(tokens.repeat(copies, 1), fwd_hooks=hooks, **kwargs)
+    logits = bridge.run_with_hooks(tokens.repeat(copies, 1), fwd_hooks=hooks + pattern_release_hooks(bridge),
+                                    **kwargs)
     return [_token_losses(chunk, tokens, scored) for chunk in logits.split(tokens.shape[0], dim=0)]
 
 

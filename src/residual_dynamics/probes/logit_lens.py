@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 
 from residual_dynamics.probes.arch import Arch
+from residual_dynamics.probes.forward import pattern_release_hooks
 from residual_dynamics.probes.common import (
     PLANNED_SHARE,
     Record,
@@ -223,7 +224,9 @@ def _lens_sums(bridge, arch: Arch, tokens, scored, attention_mask, loss_sum, kl_
     """Add the summed losses and KLs of these rows' scored predictions to the float64 accumulators."""
     targets = targets_of(tokens, scored)
     forward_kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-    final = scored_log_probs(bridge(tokens, **forward_kwargs), scored)  # [M, d_vocab]
+    logits = bridge.run_with_hooks(tokens, fwd_hooks=pattern_release_hooks(bridge, arch), **forward_kwargs)
+    final = scored_log_probs(logits, scored)  # [M, d_vocab]
+    del logits
     final_probs = final.exp()
     # KL(p || q) = sum_v p log p - sum_v p log q; the first part once per prediction
     neg_entropy = torch.einsum("mv,mv->m", final_probs, final)
@@ -244,7 +247,8 @@ def _lens_sums(bridge, arch: Arch, tokens, scored, attention_mask, loss_sum, kl_
         return hook_fn
 
     hooks = [(arch.hook("resid_post", layer), lens(layer)) for layer in range(count)]
-    bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None, **forward_kwargs)
+    bridge.run_with_hooks(tokens, fwd_hooks=hooks + pattern_release_hooks(bridge, arch), return_type=None,
+                          **forward_kwargs)
     missing = [layer for layer in range(count) if not fired[layer]]
     if missing:
         raise RuntimeError(f"logit_lens: the resid_post hooks of layers {missing} never fired")

@@ -35,7 +35,7 @@ from residual_dynamics.probes import sublayer_ablation as sublayer_ablation_mod
 from residual_dynamics.probes import weight_norms as weight_norms_mod
 from residual_dynamics.probes.arch import Arch
 from residual_dynamics.probes.common import Unsupported
-from residual_dynamics.probes.forward import run_activation_passes
+from residual_dynamics.probes.forward import drop_kept_patterns, run_activation_passes
 
 
 @dataclass(frozen=True)
@@ -116,8 +116,10 @@ def run_probes(bridge, tokens: torch.Tensor, probes: Mapping[str, Any],
     norms ignore it). The options are checked first (:func:`check_options`, ConfigError). A probe whose
     spec says the architecture is unsupported does not run and gets an :class:`Unsupported` result with
     the reason instead of failing the run. The probes with a pass builder run in one shared forward (see
-    the module doc); their results equal those of calling each probe function on its own."""
+    the module doc); their results equal those of calling each probe function on its own. Attention
+    patterns the bridge kept from an earlier forward are dropped first (``drop_kept_patterns``)."""
     arch = Arch.of(bridge) if arch is None else arch
+    drop_kept_patterns(bridge)
     kwargs = {name: _kwargs(name, options) for name, options in probes.items()}
     for name, options in probes.items():
         check_options(name, options, arch)
@@ -127,7 +129,8 @@ def run_probes(bridge, tokens: torch.Tensor, probes: Mapping[str, Any],
     fused = [name for name in runnable if PROBES[name].pass_builder is not None]
     passes = [PROBES[name].pass_builder(bridge, tokens, attention_mask=attention_mask, arch=arch, **kwargs[name])
               for name in fused]
-    results = dict(zip(fused, run_activation_passes(bridge, tokens, passes, attention_mask=attention_mask)))
+    results = dict(zip(fused, run_activation_passes(bridge, tokens, passes, attention_mask=attention_mask,
+                                                         arch=arch)))
     out = {}
     for name in probes:
         if reasons[name] is not None:

@@ -46,6 +46,7 @@ from residual_dynamics.probes.common import (
     check_bool,
     check_int,
     check_layer_pair,
+    check_max_memory,
     position_mask,
     raise_if_unsupported,
 )
@@ -64,12 +65,15 @@ class Options:
     two_point:    layers [a, b] of the two-point estimate; null = the ends of ``fit_layers``.
     prompt_index: the prompt whose per-position norms are kept.
     centered:     also report the norms of the mean-centred stream (``resid_norm_centered/...``).
+    max_memory:   memory budget of the forward (e.g. "2GB"): sets its batch rows per chunk
+                  (:func:`residual_dynamics.probes.forward.plan_rows`); null = ``probes.max_memory``.
     """
 
     fit_layers: Optional[List[int]] = None
     two_point: Optional[List[int]] = None
     prompt_index: int = 0
     centered: bool = False
+    max_memory: Optional[str] = None
 
     def check(self, arch: Arch) -> None:
         """Raise ConfigError(<option>, message) for a bad value; runs no probe."""
@@ -77,6 +81,7 @@ class Options:
         check_layer_pair(self.two_point, "two_point", arch.n_layers)
         check_int(self.prompt_index, "prompt_index", minimum=0)
         check_bool(self.centered, "centered")
+        check_max_memory(self.max_memory)
 
 
 def unsupported(arch: Arch) -> Optional[str]:
@@ -213,6 +218,7 @@ def residual_norms_pass(
     two_point: Optional[Sequence[int]] = None,
     prompt_index: int = 0,
     centered: bool = False,
+    max_memory: Optional[str] = None,
     arch: Optional[Arch] = None,
 ) -> ActivationPass:
     """The hooks and the finalize step of :func:`residual_norms` (same arguments), for a forward shared
@@ -228,25 +234,34 @@ def residual_norms_pass(
     mask = position_mask(tokens, attention_mask)
     kinds = [kind for kind in HOOK_KINDS if arch.has(kind)]
 
-    # Device-side accumulators, filled by the hooks and moved to the host once at the end.
+    # Device-side accumulators, filled by the hooks (summed over the row chunks of the forward) and moved
+    # to the host once at the end.
     norm_sums: dict[str, list[Optional[torch.Tensor]]] = {kind: [None] * count for kind in kinds}
     centered_sums: dict[str, list[Optional[torch.Tensor]]] = {kind: [None] * count for kind in kinds}
     position_rows: list[Optional[torch.Tensor]] = [None] * count
+    chunk = [slice(0, tokens.shape[0])]  # the batch rows of the current forward (set by begin_rows)
+
+    def begin_rows(rows: slice) -> None:
+        chunk[0] = rows
+
+    def add(sums: list[Optional[torch.Tensor]], layer: int, value: torch.Tensor) -> None:
+        sums[layer] = value if sums[layer] is None else sums[layer] + value
 
     def make_hook(kind: str, layer: int):
         def measure(activation: torch.Tensor, hook) -> None:
+            rows = chunk[0]
             # Half-precision activations are upcast; float32 and float64 ones are kept as they are.
             stat_dtype = torch.promote_types(activation.dtype, torch.float32)
-            token_norms = torch.linalg.vector_norm(activation, dim=-1, dtype=stat_dtype)  # [batch, pos]
-            real = mask.to(token_norms.device)
+            token_norms = torch.linalg.vector_norm(activation, dim=-1, dtype=stat_dtype)  # [rows, pos]
+            real = mask[rows].to(token_norms.device)
             # torch.where, not a product: an inf at position 0 or in padding must not leak in as NaN.
-            norm_sums[kind][layer] = torch.where(real, token_norms, 0.0).sum()
+            add(norm_sums[kind], layer, torch.where(real, token_norms, 0.0).sum())
             if centered:
                 wide = activation.to(stat_dtype)
                 centered_norms = torch.linalg.vector_norm(wide - wide.mean(dim=-1, keepdim=True), dim=-1)
-                centered_sums[kind][layer] = torch.where(real, centered_norms, 0.0).sum()
-            if kind == "resid_post":
-                position_rows[layer] = token_norms[prompt_index]
+                add(centered_sums[kind], layer, torch.where(real, centered_norms, 0.0).sum())
+            if kind == "resid_post" and rows.start <= prompt_index < rows.stop:
+                position_rows[layer] = token_norms[prompt_index - rows.start]
 
         return measure
 
@@ -299,7 +314,8 @@ def residual_norms_pass(
         return slope, slope_se, two_point_rate
 
     hooks = [(arch.hook(kind, layer), make_hook(kind, layer)) for kind in kinds for layer in range(count)]
-    return ActivationPass(hooks=hooks, finalize=finalize, name="residual_norms")
+    return ActivationPass(hooks=hooks, finalize=finalize, name="residual_norms", begin_rows=begin_rows,
+                          max_memory=max_memory)
 
 
 @torch.no_grad()
@@ -312,8 +328,9 @@ def residual_norms(
     two_point: Optional[Sequence[int]] = None,
     prompt_index: int = 0,
     centered: bool = False,
+    max_memory: Optional[str] = None,
     arch: Optional[Arch] = None,
-) -> ResidualNorms:
+):
     """Mean residual-stream norms per layer and hook, and the growth rate of resid_post.
 
     tokens:         [batch, pos] token ids (position 0 is the BOS / first token and is left out of means).
@@ -323,6 +340,9 @@ def residual_norms(
     two_point:      layers (a, b) of the two-point estimate; default the ends of ``fit_layers``.
     prompt_index:   the prompt whose per-position norms are kept.
     centered:       also measure the mean-centred stream (``result.centered``; see the module doc).
+    max_memory:     memory budget (bytes or e.g. "2GB"; default ``DEFAULT_MAX_MEMORY``): the forward runs
+                    over chunks of batch rows within it (same numbers up to float rounding of the sums);
+                    too small for one row -> an :class:`Unsupported` with a note.
     arch:           the model's :class:`~residual_dynamics.probes.arch.Arch` (built from the bridge if
                     not given).
 
@@ -332,6 +352,6 @@ def residual_norms(
     """
     activation_pass = residual_norms_pass(
         bridge, tokens, attention_mask=attention_mask, fit_layers=fit_layers, two_point=two_point,
-        prompt_index=prompt_index, centered=centered, arch=arch,
+        prompt_index=prompt_index, centered=centered, max_memory=max_memory, arch=arch,
     )
-    return run_activation_passes(bridge, tokens, [activation_pass], attention_mask=attention_mask)[0]
+    return run_activation_passes(bridge, tokens, [activation_pass], attention_mask=attention_mask, arch=arch)[0]

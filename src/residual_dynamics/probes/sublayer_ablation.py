@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 
 from residual_dynamics.probes.arch import Arch, Sublayer
+from residual_dynamics.probes.forward import pattern_release_hooks
 from residual_dynamics.probes.common import (
     PLANNED_SHARE,
     Record,
@@ -247,7 +248,7 @@ def sublayer_ablation(
 
 def _run(bridge, tokens: torch.Tensor, hooks: list, attention_mask: Optional[torch.Tensor]) -> None:
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-    bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None, **kwargs)
+    bridge.run_with_hooks(tokens, fwd_hooks=hooks + pattern_release_hooks(bridge), return_type=None, **kwargs)
 
 
 def _ablated_losses(bridge, tokens: torch.Tensor, chunk: list[Sublayer], means: list, real: torch.Tensor,
