@@ -78,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compare-spill", action="store_true",
                         help="also run cleanup with probes.cleanup.spill=false (one forward per chunk of writers "
                              "when the activations exceed max_memory) next to the default (spilled) one")
+    parser.add_argument("--default-heap", action="store_true",
+                        help="leave glibc's dynamic mmap threshold alone instead of fixing it as the probe CLI "
+                             "does (residual_dynamics.heap.bound_heap)")
     parser.add_argument("--rounds", type=int, default=1, help="bare forwards timed (best of) per model")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared machine torch's thread pool spins, which "
@@ -193,8 +196,13 @@ def run_model(args: argparse.Namespace) -> list[dict]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from residual_dynamics.heap import bound_heap
+
+    if not args.default_heap:
+        bound_heap()  # as the probe CLI does before loading a model
     from residual_dynamics.pretrained.loading import load_pretrained
     from residual_dynamics.probes.arch import Arch
+    from residual_dynamics.probes.forward import drop_kept_patterns
     from residual_dynamics.probes.registry import PROBES, run_probes
     from residual_dynamics.spec import ProbesConfig
 
@@ -220,12 +228,17 @@ def run_model(args: argparse.Namespace) -> list[dict]:
     tokens = tokens.to(args.device)
 
     def bare() -> tuple[float, float]:
-        """(wall, CPU) seconds of one bare forward of the Hugging Face model."""
+        """(wall, CPU) seconds of one bare forward of the Hugging Face model. Its attention modules are the
+        bridge's, which keep their last patterns: dropped afterwards (as every probe run does first), so
+        that they count neither in the model's memory nor as memory a probe frees."""
         with torch.no_grad():
-            return _timed_result(lambda: (hf_model(tokens), memory.sync()) and None)[0]
+            timing = _timed_result(lambda: (hf_model(tokens), memory.sync()) and None)[0]
+        drop_kept_patterns(bridge)
+        return timing
 
     with torch.no_grad():
         hf_model(tokens)  # warm-up
+    drop_kept_patterns(bridge)
     memory.reset()
     model_rss = memory.current()
     memory.reset()
@@ -335,6 +348,7 @@ def main(argv=None) -> None:
         command += ["--max-memory", args.max_memory] if args.max_memory else []
         command += ["--compare-spill"] if args.compare_spill else []
         command += ["--pass-only"] if args.pass_only else []
+        command += ["--default-heap"] if args.default_heap else []
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         lines = [line for line in done.stdout.splitlines() if line.startswith("ROWS ")]

@@ -93,6 +93,7 @@ def probe(spec: ProbeRunSpec, registry: Optional[Path] = None, progress: bool = 
               those of an earlier job of the sweep under another name gets a warning (``reporting.provenance``).
     progress: draw the rich progress bar (the stages are timed either way).
     """
+    from residual_dynamics.heap import bound_heap
     from residual_dynamics.pretrained.loading import load_pretrained
     from residual_dynamics.pretrained.prompts import tokenize_prompts
     from residual_dynamics.probes.arch import Arch
@@ -100,6 +101,7 @@ def probe(spec: ProbeRunSpec, registry: Optional[Path] = None, progress: bool = 
     from residual_dynamics.reporting import provenance as prov
     from residual_dynamics.reporting.progress import ProbeProgress
 
+    bound_heap()  # freed activations go back to the system (residual_dynamics.heap)
     bridge, tokenizer, info = load_pretrained(spec.model)
     arch = Arch.of(bridge)
     probes = spec.check_probes(arch, info.n_ctx)
