@@ -94,7 +94,7 @@ import torch
 
 from residual_dynamics.errors import ConfigError
 from residual_dynamics.probes.arch import Arch
-from residual_dynamics.probes.forward import pattern_release_hooks
+from residual_dynamics.probes.forward import pattern_release_hooks, stop_forward_hook
 from residual_dynamics.probes.common import (
     PLANNED_SHARE,
     Record,
@@ -654,7 +654,7 @@ class _Cleanup:
             stop = (arch.hook("resid_pre", stop_after + 1) if stop_after is not None and stop_after + 1 < arch.n_layers
                     else arch.stop_hook)
             if stop is not None:
-                hooks.append((stop, _stop_forward))
+                hooks.append((stop, stop_forward_hook))
         kwargs = {} if self.attention_mask is None else {"attention_mask": self.attention_mask[rows]}
         from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
@@ -897,12 +897,6 @@ def _merged(stored: _Activations, extra: _Activations) -> _Activations:
     return _Activations(rows=stored.rows, keep=stored.keep, span=stored.span, embed=stored.embed, pos=stored.pos,
                         z=stored.z, mlp=stored.mlp, resid=stored.resid, pattern={**stored.pattern, **extra.pattern},
                         scale={**stored.scale, **extra.scale})
-
-
-def _stop_forward(activation: torch.Tensor, hook) -> None:
-    from transformer_lens.model_bridge.exceptions import StopAtLayerException
-
-    raise StopAtLayerException(activation)
 
 
 def _norm_map(norm) -> tuple[Optional[torch.Tensor], bool]:

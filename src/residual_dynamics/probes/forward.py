@@ -106,7 +106,8 @@ def stop_hook_name(bridge) -> Optional[str]:
     return next((name for name in STOP_HOOKS if name in hook_names), None)
 
 
-def _stop_forward(activation: torch.Tensor, hook) -> None:
+def stop_forward_hook(activation: torch.Tensor, hook) -> None:
+    """A hook that ends the forward here (TransformerLens' StopAtLayerException; the bridge catches it)."""
     from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
     raise StopAtLayerException(activation)
@@ -189,7 +190,7 @@ def _forward(bridge, tokens: torch.Tensor, hooks: list[Hook], attention_mask: Op
     fwd_hooks += pattern_release_hooks(bridge, arch)
     stop_at = stop_hook_name(bridge)
     if stop_at is not None:
-        fwd_hooks.append((stop_at, _stop_forward))
+        fwd_hooks.append((stop_at, stop_forward_hook))
     forward_kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
     from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
