@@ -23,9 +23,10 @@ written at the same time, so both have write index l, the MLP of layer l is not 
 and clean-up is measured at ``resid_pre_0`` and ``resid_post_l`` only (there is no ``resid_mid``).
 
 Projection ratio (per position):  PR(a, b) = a . b / |b|^2, NaN where |b| = 0. For every writer w this
-probe reports PR(resid at each point, b_w) and PR(b_n, b_w) for every node n, summarised by the 25th,
-50th and 75th percentiles over the positions kept by :func:`position_mask` (NaNs ignored; exact, linear
-interpolation as numpy).
+probe reports PR(resid at each point, b_w) and PR(b_n, b_w) for every node n written at or after w (write
+index >= w's: the writer itself, the other heads of its layer and every later node; NaN for the nodes
+written before w, which cannot clean it up), summarised by the 25th, 50th and 75th percentiles over the
+positions kept by :func:`position_mask` (NaNs ignored; exact, linear interpolation as numpy).
 
 Scan. With m(p) the median PR of resid point p onto w, and p_w the point right after w writes:
     peak_pr       = max of m(p) over p >= p_w (at point p_peak)
@@ -56,19 +57,27 @@ the DLAs of all nodes plus the biases and the norm's bias equals the logit diffe
   cleaners (MLP cleaners have no V-composition and add nothing; a writer without head cleaners gets 0
   and a NaN correlation).
 
-Memory and cost: the PR tables are [writers, nodes + points, positions]. The probe keeps them for a
-chunk of writers at a time and runs its forwards over chunks of batch rows; :func:`plan` picks the
-chunks within ``max_memory`` (the probe's own memory: tables, stored activations and one forward's
-working set). When the activations of every row fit, ONE forward records them (with the attention
-patterns when those fit too, else a second, shorter forward reads the patterns for the V-composition).
-When they do not fit (GPT-2 large and XL at 32 x 128 tokens within 2 GB), ONE forward still records them
-with ``spill`` (the default): each chunk of rows is written to a file (CPU; in ``spill_dir``, removed when
-the probe ends) or copied to host memory (GPU), and read back (memory-mapped) one chunk of rows at a time
-for every chunk of writers; ``plan`` checks the free space first. Without ``spill`` (or without the space)
-every chunk of writers runs its own forward, and the V-composition of one chunk rides on the next
-chunk's forward (one extra forward after the last). Quantiles are computed per writer from the
-complete tables of its chunk, so every number is the same as with no chunking. A budget that fits not
-even one writer and one row gives an :class:`Unsupported` result with a note instead.
+Memory and cost. The forward runs over chunks of batch rows; the kept positions then go, in order, into
+blocks of a few positions, where every node output is computed once from the recorded z (z W_O) and MLP
+outputs and multiplied, position by position, with the outputs of the writers in one batched matrix
+product per block of nodes, each writer only with the nodes it sees. A writer's PR table is [P + its
+visible nodes, M] (M kept positions: 22 MB per early writer of GPT-2 XL at 32 x 128 tokens, 15 GB for all
+of its 1250 writers). :func:`plan` picks the chunks within ``max_memory`` (the probe's own memory):
+
+* the tables of every writer fit: ONE sweep over the positions fills them, from activations that ONE
+  forward recorded (with the attention patterns when those fit too, else a second, shorter forward
+  reads the patterns for the V-composition);
+* they do not fit, with ``spill`` (the default) and the space for it (``plan`` checks): ONE forward
+  records the activations of every row and ONE sweep fills every table, both kept outside the budget --
+  in files in ``spill_dir`` (CPU; removed when the probe ends) or in host memory (GPU) -- the
+  activations read back one chunk of rows at a time, the tables one writer at a time;
+* otherwise the writers go in several passes, each sweeping the positions for its writers' tables, over
+  activations recorded once when they fit, else over a forward of its own (the V-composition of one
+  pass then rides on the next pass's forward, one extra forward after the last).
+
+Quantiles are computed per writer from its complete table, so every number is the same as with no
+chunking. A budget that fits not even one row, one position per block and one writer's table gives an
+:class:`Unsupported` result with a note instead.
 
 Records (node suffix: heads have layer and head, ``/mlp`` has layer, ``/embed`` and ``/pos`` neither):
     ``cleanup/n_cleaned``                     number of cleaned writers
@@ -81,6 +90,8 @@ Records (node suffix: heads have layer and head, ``/mlp`` has layer, ``/embed`` 
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import math
 import os
 import shutil
@@ -112,7 +123,9 @@ from residual_dynamics.probes.common import (
 
 QUANTILES = (0.25, 0.5, 0.75)
 _FLOAT = 4  # bytes per element of every table (float32)
-_NODE_BLOCK = 32  # node outputs (whole groups: up to one group more) per batched product with the writers
+_NODE_BLOCK = 128  # node outputs per batched product with the writers
+_POSITIONS = (64, 32, 16, 8, 4, 2, 1)  # kept positions per block of products, largest that fits first
+_VCOMP_BLOCK = 16  # writers of one cleaner head per V-composition product
 
 
 @dataclass
@@ -198,17 +211,20 @@ class Node:
 class CleanupPlan:
     """How :func:`cleanup` splits its work (:func:`plan`).
 
-    writers:        writers per chunk (their PR tables are held together).
+    writers:        most writers per pass (the tables of a pass are filled in one sweep over the positions).
     rows:           batch rows per forward.
-    cache:          one forward records the activations of every row, kept for all chunks of writers.
+    cache:          one forward records the activations of every row, kept for every pass.
     cache_patterns: ... the attention patterns too (else one more forward reads them for the
                     V-composition); False without ``cache``.
-    spill:          with ``cache``: the recorded activations (patterns included) are kept outside the
-                    budget, in files (CPU tensors) or host memory (GPU tensors), and read back one chunk of
-                    rows at a time.
     bytes:          the estimated peak of the probe's own memory.
     forwards:       the forward passes the probe runs (the V-composition forward counted).
+    spill:          with ``cache``: the recorded activations (patterns included) and the tables are kept
+                    outside the budget, in files (CPU tensors) or host memory (GPU tensors); the
+                    activations are read back one chunk of rows at a time, the tables one writer at a time.
     spill_bytes:    with ``spill``: the bytes written outside the budget.
+    positions:      kept positions per block of products.
+    table_bytes:    most bytes of tables per pass (0: no limit but ``writers``).
+    passes:         the passes (sweeps over the positions) the plan makes.
     """
 
     writers: int
@@ -219,6 +235,9 @@ class CleanupPlan:
     forwards: int = 0
     spill: bool = False
     spill_bytes: int = 0
+    positions: int = 32
+    table_bytes: int = 0
+    passes: int = 0
 
 
 @dataclass
@@ -228,7 +247,8 @@ class CleanupResult:
     nodes, point_names: the nodes and residual points, in forward order.
     writers:        [W] int64 indices into ``nodes``.
     resid_pr:       [W, P, 3] PR(resid at point, writer output) percentiles.
-    node_pr:        [W, N, 3] PR(node output, writer output) percentiles (the writer onto itself is 1).
+    node_pr:        [W, N, 3] PR(node output, writer output) percentiles for the nodes written at or
+                    after the writer (the writer onto itself is 1); NaN for the nodes written before it.
     dla:            [N, batch, pos] DLA of each node; NaN at positions excluded by position_mask.
     peak_pr, writer_score: [W]; cleaned: [W] bool; cleaned_at: [W] int64 point index or -1.
     ranking:        [R] int64 indices into ``writers`` of the cleaned writers, highest score first.
@@ -304,85 +324,151 @@ def residual_points(arch: Arch) -> list[tuple[str, str]]:
     return arch.residual_points()
 
 
-# --------------------------------------------------------------------------- memory plan
+# --------------------------------------------------------------------------- layout and memory plan
 
 
-def plan(arch: Arch, *, batch: int, seq: int, n_kept: int, n_writers: int, d_vocab: int,
-         budget: int, top_n: int = 8, spill_space: int = 0) -> tuple[Optional[CleanupPlan], int]:
+def first_visible(nodes: Sequence[Node]) -> list[int]:
+    """For every node, the first node written at or after it (write index >= its own): where the node
+    table of a writer starts. Nodes are in forward order, so write indices never decrease along the list."""
+    first, result = 0, []
+    for node in nodes:
+        while nodes[first].sublayer < node.sublayer:
+            first += 1
+        result.append(first)
+    return result
+
+
+@dataclass(frozen=True)
+class _Band:
+    """Writers whose tables are stored together: ``rows`` (indices into the writer list) whose first
+    visible node lies in one layer (or the embeddings). Each of their tables has the residual points,
+    then the nodes from ``first`` (the band's first visible node) on; the rows of nodes a writer was
+    written after are filled but never read."""
+
+    rows: tuple
+    first: int
+
+
+def layout(nodes: Sequence[Node], writer_nodes: Sequence[int], n_points: int, column_bytes: int,
+           max_writers: int, max_bytes: int = 0) -> list[list[_Band]]:
+    """The passes of :func:`cleanup`: writers in the order of their first visible node, cut into passes
+    of at most ``max_writers`` writers and (``max_bytes`` > 0) at most ``max_bytes`` bytes of tables
+    (one table row is ``column_bytes``), each pass a list of bands. A writer whose table alone exceeds
+    ``max_bytes`` gets a pass of its own."""
+    visible = first_visible(nodes)
+    band_key = [(-1 if nodes[visible[n]].layer is None else nodes[visible[n]].layer) for n in range(len(nodes))]
+    order = sorted(range(len(writer_nodes)), key=lambda row: (visible[writer_nodes[row]], row))
+    passes: list[list[list]] = []  # [[key, first, rows], ...] per pass
+    count = size = 0
+    for row in order:
+        node = writer_nodes[row]
+        bands = passes[-1] if passes else None
+        joins = bool(bands) and bands[-1][0] == band_key[node]
+        table = (n_points + len(nodes) - (bands[-1][1] if joins else visible[node])) * column_bytes
+        if not bands or count + 1 > max_writers or (max_bytes and size + table > max_bytes):
+            passes.append([])
+            bands, joins, count, size = passes[-1], False, 0, 0
+            table = (n_points + len(nodes) - visible[node]) * column_bytes
+        if joins:
+            bands[-1][2].append(row)
+        else:
+            bands.append([band_key[node], visible[node], [row]])
+        count, size = count + 1, size + table
+    return [[_Band(tuple(rows), first) for _, first, rows in bands] for bands in passes]
+
+
+def _table_rows(bands: Sequence[_Band], n_nodes: int, n_points: int) -> int:
+    """Table rows (residual points and nodes) of all writers of ``bands``."""
+    return sum(len(band.rows) * (n_points + n_nodes - band.first) for band in bands)
+
+
+def plan(arch: Arch, *, batch: int, seq: int, n_kept: int, d_vocab: int, budget: int, top_n: int = 8,
+         spill_space: int = 0, writers: Optional[Sequence[str]] = None) -> tuple[Optional[CleanupPlan], int]:
     """The chunking of :func:`cleanup` within ``budget`` bytes: (plan, bytes needed at the smallest
-    chunk: one writer, one row, nothing cached), with plan None when even that does not fit.
+    chunk: one row, one position per block, nothing cached, one writer per pass), with plan None when
+    even that does not fit.
 
-    Estimated bytes (float32): the PR tables, 4 (N + P) M per writer of a chunk (M kept positions);
-    per row, the recorded activations (embeddings, every head's z, MLP outputs, the residual points,
-    and the attention patterns 4 L H T^2 when they are recorded), one forward's working set
-    (:func:`forward_bytes_per_row`) and the writers' outputs at the row; and the fixed tables (DLA,
-    its directions, the quantile tables, one writer's sort, and the [d_head, d_head] V-composition
+    Estimated bytes (float32): per row, the recorded activations (embeddings, every head's z, MLP outputs,
+    the residual points, and the attention patterns 4 L H T^2 when they are recorded), one forward's
+    working set (:func:`forward_bytes_per_row`), the kept activations and the V-composition temporaries;
+    per block of ``positions`` kept positions, every node output, the writers' outputs, the residual
+    points, the products with a block of nodes and (spilled) the block of every table; the tables of the
+    writers of a pass, 4 (P + N - f) M each (f: the first node of its band); one writer's table read back
+    and sorted; and the fixed tables (DLA, its directions, the quantile tables, the V-composition
     products of up to ``top_n`` cleaners per writer). A spilled plan keeps the recorded activations of
-    every row (patterns included) outside the budget, within ``spill_space`` bytes (0: no spilling), and
-    holds one chunk of rows of them at a time. Of the plans that fit, the one with the fewest forwards
-    wins, then one that spills nothing, then the fewest chunks of writers, then the most rows per
-    forward. The estimate may fill 85% of the budget (the rest: allocator overhead and small
-    temporaries)."""
-    d, n_heads, n_layers = arch.d_model, arch.n_heads, arch.n_layers
-    n_nodes = 1 + int(arch.has_pos_embed) + n_layers * (n_heads + int(arch.has_mlp))
-    n_points = len(arch.residual_points())
-    per_layer_out = n_heads * arch.d_head + (d if arch.has_mlp else 0)
+    every row (patterns included) and every table outside the budget, within ``spill_space`` bytes (0: no
+    spilling), in one pass. Of the plans that fit, the one with the fewest forwards wins, then the fewest
+    passes, then one that spills nothing, then the most positions per block (fewer, larger products),
+    then the most rows per forward. The estimate may fill 85% of the budget (the rest: allocator overhead and small temporaries)."""
+    nodes = nodes_of(arch)
+    writer_nodes = _writer_nodes(nodes, writers)
+    d, n_heads, n_layers, d_head = arch.d_model, arch.n_heads, arch.n_layers, arch.d_head
+    n_nodes, n_points, n_writers = len(nodes), len(arch.residual_points()), len(writer_nodes)
+    per_layer_out = n_heads * d_head + (d if arch.has_mlp else 0)
     nodes_row = _FLOAT * seq * (d * (1 + int(arch.has_pos_embed)) + n_layers * per_layer_out)
     resid_row = _FLOAT * seq * n_points * d
     patterns_row = _FLOAT * n_layers * n_heads * seq * seq
     scales_row = 2 * _FLOAT * n_layers * seq
     forward_row = forward_bytes_per_row(seq=seq, d_model=d, d_mlp=arch.d_mlp, n_heads=n_heads, d_vocab=d_vocab)
-    # a block of node outputs (and its copy), V-composition temporaries
-    work_row = _FLOAT * seq * (2 * (_NODE_BLOCK + n_heads) * d + 4 * d)
-    per_writer = _FLOAT * (n_nodes + n_points) * n_kept
-    # the writers' outputs, the products with a block of nodes (and a copy)
-    per_writer_row = _FLOAT * seq * (d + 2 * (_NODE_BLOCK + n_heads))
-    mixing = _FLOAT * top_n * arch.d_head ** 2  # one writer's V-composition products
-    fixed = _FLOAT * (n_kept * (n_nodes + 2 * d + 2) + n_writers * (n_kept + batch * seq)
-                      + n_nodes * batch * seq + 3 * (n_nodes + n_points) * n_kept
-                      + 3 * n_writers * (n_nodes + n_points))
-
+    vcomp_row = _FLOAT * seq * (4 * _VCOMP_BLOCK * d_head + 2 * d)
+    work_row = forward_row + nodes_row + vcomp_row  # one forward, the kept activations, V-composition
     recorded_row = nodes_row + resid_row + scales_row + patterns_row  # one row's recorded activations
-    spill_bytes = batch * recorded_row
-
-    def need(cache: bool, cache_patterns: bool, rows: int, spill: bool = False) -> tuple[int, int]:
-        """(bytes without the writers' tables, bytes per writer of a chunk). The V-composition products
-        of every writer wait for the last forward without the patterns cached, else those of two chunks."""
-        if spill:  # a chunk of rows recorded (or read back) at a time, everything else outside the budget
-            return fixed + rows * (forward_row + work_row + recorded_row), per_writer + rows * per_writer_row + 2 * mixing
-        stored = batch * (nodes_row + resid_row + scales_row + (patterns_row if cache_patterns else 0)) if cache else 0
-        transient = rows * (forward_row + work_row + (0 if cache else nodes_row + resid_row + scales_row)
-                            + (0 if cache_patterns else patterns_row))
-        waiting = n_writers * mixing if cache and not cache_patterns else 0
-        return fixed + stored + transient + waiting, per_writer + rows * per_writer_row + 2 * mixing
-
+    fixed = _FLOAT * (n_kept * (n_nodes + 2 * d + 2) + n_writers * (n_kept + batch * seq)
+                      + n_nodes * batch * seq + 3 * (n_nodes + n_points) * n_kept  # one table read back, sorted
+                      + 3 * n_writers * (n_nodes + n_points) + n_writers * top_n * d_head ** 2)
     usable = int(PLANNED_SHARE * budget)
+    one_pass = {}
 
-    def fitting_writers(cache: bool, cache_patterns: bool, rows: int, spill: bool = False) -> tuple[int, int]:
-        """(most writers per chunk that fit, bytes with that many); 0 writers when none fit."""
-        base, step = need(cache, cache_patterns, rows, spill)
-        count = min(n_writers, max(0, (usable - base) // step))
-        return int(count), int(base + max(count, 1) * step)
+    def block(q: int) -> int:
+        """One block's node outputs, writers' outputs, residual points, directions and products."""
+        return _FLOAT * q * (d * (n_nodes + n_writers + n_points + 1) + 2 * (_NODE_BLOCK + n_points) * n_writers)
 
-    smallest = int(sum(need(False, False, 1)) / PLANNED_SHARE)
+    def need(cache: bool, cache_patterns: bool, rows: int, q: int, spill: bool) -> int:
+        """Bytes without the tables held in memory."""
+        if spill:  # a chunk of rows recorded (or read back) at a time, the tables' block buffered
+            columns = -(-n_kept // q) * q
+            if q not in one_pass:
+                one_pass[q] = _table_rows(layout(nodes, writer_nodes, n_points, columns, n_writers)[0], n_nodes,
+                                          n_points)
+            return fixed + rows * (work_row + recorded_row) + block(q) + _FLOAT * q * one_pass[q]
+        stored = batch * (recorded_row - (0 if cache_patterns else patterns_row)) if cache else 0
+        transient = rows * (work_row + (0 if cache else recorded_row) + (0 if cache_patterns or not cache else patterns_row))
+        return fixed + stored + transient + block(q)
+
+    largest_table = _FLOAT * (n_points + n_nodes) * n_kept
+    smallest = int((need(False, False, 1, 1, False) + largest_table) / PLANNED_SHARE)
     best, best_key = None, None
     candidate_rows = sorted({max(1, -(-batch // parts)) for parts in (1, 2, 4, 8, 16, 32, 64, 128, batch)},
                             reverse=True)
+    candidate_positions = sorted({min(q, n_kept) for q in _POSITIONS}, reverse=True)
     modes = [(True, True, False), (True, False, False), (False, False, False)]
-    if spill_space >= spill_bytes:
+    spill_base = batch * recorded_row
+    if spill_space > spill_base:
         modes.append((True, True, True))
     for cache, cache_patterns, spill in modes:
         for rows in candidate_rows:
-            count, size = fitting_writers(cache, cache_patterns, rows, spill)
-            if count < 1:
-                continue
-            chunks = -(-n_writers // count)
-            forwards = 1 if cache_patterns else 2 if cache else chunks + 1
-            key = (forwards, spill, chunks, -rows)
-            if best_key is None or key < best_key:
-                best = CleanupPlan(count, rows, cache, cache_patterns, size, forwards, spill,
-                                   spill_bytes if spill else 0)
-                best_key = key
+            for q in candidate_positions:
+                base = need(cache, cache_patterns, rows, q, spill)
+                columns = _FLOAT * -(-n_kept // q) * q
+                if spill:
+                    spilled = spill_base + columns * one_pass[q]
+                    if base > usable or spilled > spill_space:
+                        continue
+                    passes, size = 1, base
+                else:
+                    if base + columns * (n_points + n_nodes) > usable:
+                        continue
+                    cut = layout(nodes, writer_nodes, n_points, columns, n_writers, usable - base)
+                    passes = len(cut)
+                    size = base + max(columns * _table_rows(bands, n_nodes, n_points) for bands in cut)
+                    spilled = 0
+                forwards = 1 if cache_patterns else 2 if cache else passes + 1
+                key = (forwards, passes, spill, -q, -rows)
+                if best_key is None or key < best_key:
+                    best = CleanupPlan(writers=n_writers, rows=rows, cache=cache, cache_patterns=cache_patterns,
+                                       bytes=int(size), forwards=forwards, spill=spill, spill_bytes=int(spilled),
+                                       positions=q, table_bytes=0 if spill else usable - base, passes=passes)
+                    best_key = key
     return best, smallest
 
 
@@ -414,12 +500,12 @@ def cleanup(
     """
     arch = Arch.of(bridge) if arch is None else arch
     raise_if_unsupported(unsupported(arch))
-    writer_nodes = _writer_nodes(nodes_of(arch), writers)
+    _writer_nodes(nodes_of(arch), writers)  # unknown writers: ValueError before any compute
     mask = position_mask(tokens, attention_mask)
     budget = memory_budget(max_memory)
     chunking, smallest = plan(arch, batch=tokens.shape[0], seq=tokens.shape[1], n_kept=int(mask.sum()),
-                              n_writers=len(writer_nodes), d_vocab=int(bridge.cfg.d_vocab), budget=budget,
-                              top_n=top_n, spill_space=spill_space(tokens.device, spill_dir) if spill else 0)
+                              d_vocab=int(bridge.cfg.d_vocab), budget=budget, top_n=top_n, writers=writers,
+                              spill_space=spill_space(tokens.device, spill_dir) if spill else 0)
     if chunking is None:
         return does_not_fit("cleanup", smallest, budget, "raise probes.max_memory or use fewer or shorter prompts")
     return cleanup_with_plan(bridge, tokens, chunking, threshold=threshold, writer_min=writer_min, top_n=top_n,
@@ -528,6 +614,8 @@ class _Cleanup:
         self.chunking = chunking
         self.nodes = nodes_of(arch)
         self.writer_nodes = _writer_nodes(self.nodes, writers)
+        self.visible = first_visible(self.nodes)
+        self.sublayer = torch.tensor([node.sublayer for node in self.nodes])
         self.points = residual_points(arch)
         self.mask = position_mask(tokens, attention_mask)
         self.device = tokens.device
@@ -537,6 +625,10 @@ class _Cleanup:
                            for s in range(0, batch, max(1, chunking.rows))]
         self.spans = [(int(starts[r.start]), int(starts[r.stop])) for r in self.row_chunks]
         self.n_kept = int(starts[-1])
+        self.q = max(1, min(chunking.positions, self.n_kept))
+        self.n_blocks = -(-self.n_kept // self.q)
+        self.passes = layout(self.nodes, self.writer_nodes, len(self.points), _FLOAT * self.n_blocks * self.q,
+                             max(1, chunking.writers), chunking.table_bytes)
         # node groups: (first node index, count, kind, layer); heads of a layer form one group
         self.groups = []
         for index, node in enumerate(self.nodes):
@@ -552,16 +644,15 @@ class _Cleanup:
         self.dla_values = torch.empty(n_nodes, m, device=self.device)
         self.vcomp_values = torch.zeros(n_writers, m, device=self.device)
         self.resid_pr = torch.empty(n_writers, len(self.points), len(QUANTILES), device=self.device)
-        self.node_pr = torch.empty(n_writers, n_nodes, len(QUANTILES), device=self.device)
+        self.node_pr = torch.full((n_writers, n_nodes, len(QUANTILES)), math.nan, device=self.device)
         self.cleaner_sum = torch.full((n_writers, len(QUANTILES)), math.nan, device=self.device)
         self.dla_corr = torch.full((n_writers,), math.nan, device=self.device)
-        self.scan: list[dict] = []
+        self.scan: dict = {}
 
     # ---------------------------------------------------------------- driver
 
     def run(self, threshold: float, writer_min: float, top_n: int, spill_dir: Optional[str] = None) -> CleanupResult:
-        chunking = self.chunking
-        if not (chunking.cache and chunking.spill):
+        if not self.chunking.spill:
             return self._run(threshold, writer_min, top_n, None)
         with _Spilled(self.device, spill_dir) as spilled:
             return self._run(threshold, writer_min, top_n, spilled)
@@ -575,31 +666,37 @@ class _Cleanup:
             cache = [] if spilled is None else spilled
             for i in range(len(self.row_chunks)):
                 cache.append(self._capture(i, nodes=True, resid=True, logits=True, scales=every, patterns=patterns))
-        size = max(1, chunking.writers)
-        chunks = [list(range(start, min(start + size, len(self.writer_nodes))))
-                  for start in range(0, len(self.writer_nodes), size)]
-        pending: list[_CleanerWork] = []
-        for c, rows in enumerate(chunks):
-            resid_values = torch.empty(len(rows), len(self.points), self.n_kept, device=self.device)
-            node_values = torch.empty(len(rows), len(self.nodes), self.n_kept, device=self.device)
-            for i in range(len(self.row_chunks)):
-                if cache is not None:
-                    acts = cache[i]
-                else:
+        pending: list[_CleanerWork] = []  # V-composition work waiting for a forward with the patterns
+        jobs: list[_Job] = []
+        for p, bands in enumerate(self.passes):
+
+            def activations():
+                for i in range(len(self.row_chunks)):
+                    if cache is not None:
+                        yield cache[i]
+                        continue
                     layers = {work.layer for work in pending}
-                    acts = self._capture(i, nodes=True, resid=True, logits=c == 0, scales=layers, patterns=layers)
+                    acts = self._capture(i, nodes=True, resid=True, logits=p == 0, scales=layers, patterns=layers)
                     self._vcomp(acts, pending)
-                self._project(acts, rows, resid_values, node_values, dla=c == 0)
-                del acts
+                    yield acts
+
+            with _Tables(bands, len(self.nodes), len(self.points), self.n_blocks, self.q, self.device,
+                         spilled) as tables:
+                self._sweep(bands, tables, activations(), dla=p == 0)
+                if cache is None:
+                    pending = []
+                found = self._finish_pass(bands, tables, threshold, writer_min, top_n)
             if cache is None:
-                pending = []
-            works = self._prepare(self._finish_chunk(rows, resid_values, node_values, threshold, writer_min, top_n))
-            del resid_values, node_values
-            if cache is not None and (chunking.cache_patterns or spilled is not None):
+                pending = self._prepare(found)
+            else:
+                jobs += found
+        if jobs:
+            works = self._prepare(jobs)
+            if chunking.cache_patterns or spilled is not None:
                 for acts in cache:
                     self._vcomp(acts, works)
             else:
-                pending += works
+                pending = works
         if pending:  # one more forward, up to the last cleaner's layer, for the patterns
             layers = {work.layer for work in pending}
             for i in range(len(self.row_chunks)):
@@ -688,66 +785,126 @@ class _Cleanup:
 
     # ---------------------------------------------------------------- tables
 
-    def _project(self, acts: _Activations, rows: list[int], resid_values, node_values, dla: bool) -> None:
-        """Fill the PR tables of writers ``rows`` (and, with ``dla``, every node's DLA) at the kept
-        positions of ``acts``: per position, one batched matrix product of a block of node outputs
-        (whole groups, about :data:`_NODE_BLOCK` nodes) with the writers' outputs."""
-        m0, m1 = acts.span
-        if m1 == m0:
-            return
-        outputs = {}  # group outputs with writers of the chunk, reused below
-        picked = []
-        for row in rows:
-            first, _, kind, layer = self._group_of(self.writer_nodes[row])
-            if first not in outputs:
-                outputs[first] = self._group_output(acts, kind, layer, acts.keep)
-            picked.append(outputs[first][:, self.writer_nodes[row] - first])
-        writers = torch.stack(picked, dim=1)  # [m, W_chunk, d]
-        del picked
-        b_norm2 = torch.einsum("mwd,mwd->mw", writers, writers)[:, None]
-        b_norm2 = torch.where(b_norm2 > 0, b_norm2, torch.nan)  # [m, 1, W_chunk]
-        writers_t = writers.transpose(1, 2)  # [m, d, W_chunk], a view
-        direction = self.direction[m0:m1, :, None]  # [m, d, 1]
+    def _sweep(self, bands: list[_Band], tables: "_Tables", activations, dla: bool) -> None:
+        """Fill the tables of the writers of ``bands`` (and, with ``dla``, every node's DLA): the kept
+        positions of every row chunk of ``activations`` go, in order, into blocks of ``self.q``
+        positions; each full block gets every node output it needs computed once (:meth:`_fill`) and
+        its products with the writers made (:meth:`_products`)."""
+        first = 0 if dla else bands[0].first  # the DLA needs every node's output
+        d, q = self.arch.d_model, self.q
+        writers = [self.writer_nodes[row] for band in bands for row in band.rows]
+        outputs = torch.empty(q, len(self.nodes) - first, d, device=self.device)
+        resid = torch.empty(q, len(self.points), d, device=self.device)
+        start = writers[0] - first
+        contiguous = writers == list(range(writers[0], writers[0] + len(writers)))
+        pick = None if contiguous else torch.tensor(writers, device=self.device) - first
+        visible = [self.visible[node] for node in writers]  # non-decreasing (the layout's order)
+        block = fill = 0
+        for acts in activations:
+            m = acts.span[1] - acts.span[0]
+            kept = self._kept(acts, first)
+            a = 0
+            while a < m:
+                b = min(m, a + q - fill)
+                self._fill(kept, acts, a, b, outputs[fill : fill + b - a], resid[fill : fill + b - a], first)
+                fill, a = fill + b - a, b
+                if fill == q:
+                    self._products(block, fill, outputs, resid, first, start, pick, visible, bands, tables, dla)
+                    block, fill = block + 1, 0
+            del kept, acts
+        if fill:
+            self._products(block, fill, outputs, resid, first, start, pick, visible, bands, tables, dla)
 
-        def flush(first: int, block: list[torch.Tensor], table, dla_too: bool) -> None:
-            outputs = block[0] if len(block) == 1 else torch.cat(block, dim=1)  # [m, n, d]
-            count = outputs.shape[1]
-            table[:, first : first + count, m0:m1] = (torch.bmm(outputs, writers_t) / b_norm2).permute(2, 1, 0)
-            if dla_too:
-                self.dla_values[first : first + count, m0:m1] = torch.bmm(outputs, direction)[..., 0].T
+    def _kept(self, acts: _Activations, first: int) -> dict:
+        """The recorded outputs of the node groups from node ``first`` on, at the kept positions of
+        ``acts``: {group start: [m, heads, d_head] z (heads) or [m, d_model]}."""
+        kept = {}
+        for start, _, kind, layer in self.groups:
+            if start >= first:
+                x = {"heads": acts.z.get(layer), "embed": acts.embed, "pos": acts.pos, "mlp": acts.mlp.get(layer)}[kind]
+                kept[start] = x[acts.keep]
+        return kept
 
-        first, block = 0, []
+    def _fill(self, kept: dict, acts: _Activations, a: int, b: int, outputs, resid, first: int) -> None:
+        """Node outputs (nodes from ``first`` on) and residual points at kept positions a..b of ``acts``."""
         for start, count, kind, layer in self.groups:
-            if block and sum(x.shape[1] for x in block) + count > _NODE_BLOCK:
-                flush(first, block, node_values, dla)
-                first, block = start, []
-            block.append(outputs.pop(start) if start in outputs else self._group_output(acts, kind, layer, acts.keep))
-        flush(first, block, node_values, dla)
-        for first in range(0, len(self.points), _NODE_BLOCK):
-            points = range(first, min(first + _NODE_BLOCK, len(self.points)))
-            flush(first, [acts.resid[p][:, None] for p in points], resid_values, False)
-
-    def _finish_chunk(self, rows: list[int], resid_values, node_values, threshold, writer_min, top_n) -> list[_Job]:
-        """Quantiles, the scan, the cleaners' summed PR and the total-DLA correlation of writers ``rows``
-        from their complete tables; returns their V-composition jobs."""
-        for offset, row in enumerate(rows):  # one writer at a time: the sort workspace stays small
-            self.resid_pr[row] = _nan_quantiles(resid_values[offset])
-            self.node_pr[row] = _nan_quantiles(node_values[offset])
-        writer_nodes = [self.writer_nodes[row] for row in rows]
-        scan = _scan(self.nodes, writer_nodes, self.resid_pr[rows, :, 1], self.node_pr[rows, :, 1],
-                     threshold, writer_min, top_n)
-        self.scan.append(scan)
-        jobs = []
-        for offset, row in enumerate(rows):
-            chosen = scan["cleaners"][offset]
-            chosen = chosen[chosen >= 0].to(self.device)
-            if not len(chosen):
+            if start < first:
                 continue
-            self.cleaner_sum[row] = _nan_quantiles(node_values[offset, chosen].sum(0))
-            self.dla_corr[row] = _pearson(self.dla_values[writer_nodes[offset]], self.dla_values[chosen].sum(0))
-            heads = [(self.nodes[i].layer, self.nodes[i].head) for i in chosen.tolist() if self.nodes[i].head is not None]
-            if heads:
-                jobs.append(_Job(row, writer_nodes[offset], heads))
+            if kind == "heads":
+                w_o = self.bridge.blocks[layer].attn.W_O.float()  # [head, d_head, d_model]
+                outputs[:, start - first : start - first + count] = torch.einsum("phd,hde->phe", kept[start][a:b], w_o)
+            else:
+                outputs[:, start - first] = kept[start][a:b]
+        for p in range(len(self.points)):
+            resid[:, p] = acts.resid[p][a:b]
+
+    def _products(self, block: int, fill: int, outputs, resid, first: int, start: int, pick, visible: list[int],
+                  bands: list[_Band], tables: "_Tables", dla: bool) -> None:
+        """The PR tables of every writer of ``bands`` (and, with ``dla``, every node's DLA) at the ``fill``
+        positions of block ``block``: per position, one batched matrix product of a block of
+        :data:`_NODE_BLOCK` node outputs with the outputs of the writers that see any of them (writers
+        are ordered by their first visible node, so those are the first k), then each band's share
+        copied into its table block."""
+        n_points, n_nodes = len(self.points), len(self.nodes)
+        x = outputs[:fill]
+        w = x[:, start : start + len(visible)] if pick is None else x.index_select(1, pick)  # [q, W, d]
+        norm2 = torch.einsum("qwd,qwd->qw", w, w)
+        norm2 = torch.where(norm2 > 0, norm2, torch.nan)[:, None]  # [q, 1, W]
+        w_t = w.transpose(1, 2)  # [q, d, W]
+        parts = tables.block(block)  # per band [writers, rows, positions]
+        offsets = [0]
+        for band in bands:
+            offsets.append(offsets[-1] + len(band.rows))
+        values = torch.bmm(resid[:fill], w_t) / norm2  # [q, P, W]
+        for b, band in enumerate(bands):
+            parts[b][:, :n_points, :fill] = values[:, :, offsets[b] : offsets[b + 1]].permute(2, 1, 0)
+        for n0 in range(bands[0].first, n_nodes, _NODE_BLOCK):
+            n1 = min(n0 + _NODE_BLOCK, n_nodes)
+            k = bisect.bisect_left(visible, n1)  # the writers that see a node of n0..n1
+            values = torch.bmm(x[:, n0 - first : n1 - first], w_t[..., :k]) / norm2[..., :k]  # [q, n, k]
+            for b, band in enumerate(bands):
+                w0, w1 = offsets[b], min(offsets[b + 1], k)
+                lo = max(n0, band.first)
+                if w0 >= k:
+                    break
+                if lo < n1:
+                    rows = slice(n_points + lo - band.first, n_points + n1 - band.first)
+                    parts[b][: w1 - w0, rows, :fill] = values[:, lo - n0 :, w0:w1].permute(2, 1, 0)
+        tables.commit(block)
+        if dla:
+            m0 = block * self.q
+            direction = self.direction[m0 : m0 + fill, :, None]  # [q, d, 1]
+            self.dla_values[:, m0 : m0 + fill] = torch.bmm(x, direction)[..., 0].T
+
+    def _finish_pass(self, bands: list[_Band], tables: "_Tables", threshold, writer_min, top_n) -> list[_Job]:
+        """Quantiles, the scan, the cleaners' summed PR and the total-DLA correlation of the writers of
+        ``bands``, one writer's complete table at a time; returns their V-composition jobs."""
+        n_points, jobs = len(self.points), []
+        for b, band in enumerate(bands):
+            for j, row in enumerate(band.rows):
+                node = self.writer_nodes[row]
+                seen = self.visible[node]
+                table = tables.read(b, j, self.n_kept)  # [P + N - band.first, M]
+                nodes = table[n_points + seen - band.first :]  # from the writer's first visible node
+                self.resid_pr[row] = _nan_quantiles(table[:n_points])
+                self.node_pr[row, seen:] = _nan_quantiles(nodes)
+                scan = _scan(self.sublayer, [node], self.resid_pr[row : row + 1, :, 1], self.node_pr[row : row + 1, :, 1],
+                             threshold, writer_min, top_n)
+                for key, value in scan.items():
+                    if key not in self.scan:
+                        self.scan[key] = value.new_empty((len(self.writer_nodes),) + value.shape[1:])
+                    self.scan[key][row] = value[0]
+                chosen = scan["cleaners"][0]
+                chosen = chosen[chosen >= 0]
+                if not len(chosen):
+                    continue
+                self.cleaner_sum[row] = _nan_quantiles(nodes[(chosen - seen).to(self.device)].sum(0))
+                chosen = chosen.to(self.device)
+                self.dla_corr[row] = _pearson(self.dla_values[node], self.dla_values[chosen].sum(0))
+                heads = [(self.nodes[i].layer, self.nodes[i].head) for i in chosen.tolist() if self.nodes[i].head is not None]
+                if heads:
+                    jobs.append(_Job(row, node, heads))
+                del table, nodes
         return jobs
 
     def _prepare(self, jobs: list[_Job]) -> list["_CleanerWork"]:
@@ -783,31 +940,37 @@ class _Cleanup:
         return works
 
     def _vcomp(self, acts: _Activations, works: list["_CleanerWork"]) -> None:
-        """Add the DLA of the V-composition part of the cleaners of ``works`` at the rows of ``acts``."""
+        """Add the DLA of the V-composition part of the cleaners of ``works`` at the rows of ``acts``
+        (:data:`_VCOMP_BLOCK` writers of a cleaner at a time)."""
         m0, m1 = acts.span
         if not works or m1 == m0:
             return
         direction = self.direction[m0:m1]
         for work in works:
-            parts = []
-            if work.sources:
-                z = torch.stack([acts.z[layer][:, :, head] for layer, head in work.sources], dim=2)  # [r, pos, k, dh]
-                parts.append(torch.einsum("rtkd,kde->krte", z, work.mixing))
-            for node, kind, writer_layer in work.others:
-                x = self._group_output(acts, kind, writer_layer, None)[..., 0, :]  # [r, pos, d_model]
-                x = x - x.mean(-1, keepdim=True) if work.center else x
-                parts.append(((x * work.gain if work.gain is not None else x) @ work.w_v)[None])
-            values = parts[0] if len(parts) == 1 else torch.cat(parts)  # [k, r, pos, d_head]
-            if self.arch.norm is not None:
-                values = values / acts.scale[work.layer]
-            mixed = torch.einsum("rpi,krid->krpd", acts.pattern[work.layer][:, work.head], values)[:, acts.keep]
+            pattern = acts.pattern[work.layer][:, work.head]  # [r, query, key]
             query = direction @ self.bridge.blocks[work.layer].attn.W_O[work.head].float().T  # [m, d_head]
-            self.vcomp_values[work.rows, m0:m1] += (mixed * query).sum(-1)
+            n_heads = len(work.sources)
+            for s0 in range(0, n_heads + len(work.others), _VCOMP_BLOCK):
+                s1 = min(s0 + _VCOMP_BLOCK, n_heads + len(work.others))
+                parts = []
+                if s0 < n_heads:
+                    sources = work.sources[s0 : min(s1, n_heads)]
+                    z = torch.stack([acts.z[layer][:, :, head] for layer, head in sources], dim=2)  # [r, pos, k, dh]
+                    parts.append(torch.einsum("rtkd,kde->krte", z, work.mixing[s0 : s0 + len(sources)]))
+                for node, kind, writer_layer in work.others[max(0, s0 - n_heads) : max(0, s1 - n_heads)]:
+                    x = self._group_output(acts, kind, writer_layer, None)[..., 0, :]  # [r, pos, d_model]
+                    x = x - x.mean(-1, keepdim=True) if work.center else x
+                    parts.append(((x * work.gain if work.gain is not None else x) @ work.w_v)[None])
+                values = parts[0] if len(parts) == 1 else torch.cat(parts)  # [k, r, pos, d_head]
+                if self.arch.norm is not None:
+                    values = values / acts.scale[work.layer]
+                mixed = torch.einsum("rpi,krid->krpd", pattern, values)[:, acts.keep]
+                self.vcomp_values[work.rows[s0:s1], m0:m1] += (mixed * query).sum(-1)
 
     # ---------------------------------------------------------------- result
 
     def _result(self, top_n: int) -> CleanupResult:
-        scan = {key: torch.cat([part[key] for part in self.scan]) for key in self.scan[0] if key != "ranking"}
+        scan = self.scan
         cleaned, score = scan["cleaned"], scan["writer_score"]
         ranked = cleaned.nonzero()[:, 0]
         ranking = ranked[score[ranked].argsort(descending=True, stable=True)]
@@ -835,6 +998,69 @@ class _Cleanup:
             plan=self.chunking,
             **{key: value.cpu() for key, value in scan.items()},
         )
+
+
+class _Tables:
+    """The PR tables of the writers of one pass, by band: band b is a [blocks, writers, rows, positions]
+    array (rows: the residual points, then the nodes from the band's first on; positions: one block of
+    kept positions, the last block padded). Filled one block at a time (:meth:`block`, then
+    :meth:`commit`), read back one writer at a time (:meth:`read`: its [rows, M] table on the device).
+    Kept on the device, or, in a spilled plan, in files in the spill directory (CPU tensors; written as
+    each block is committed, read back memory-mapped) or in host memory (GPU tensors)."""
+
+    def __init__(self, bands: list[_Band], n_nodes: int, n_points: int, n_blocks: int, q: int,
+                 device: torch.device, spilled: Optional["_Spilled"]):
+        self.device = device
+        self.shapes = [(n_blocks, len(band.rows), n_points + n_nodes - band.first, q) for band in bands]
+        self.paths: list = []
+        self.files: list = []
+        self.stored = None
+        if spilled is not None and spilled.to_disk:
+            self.paths = [os.path.join(spilled.path, f"tables{b:04d}.f32") for b in range(len(bands))]
+            self.files = [open(path, "wb") for path in self.paths]
+        else:
+            home = torch.device("cpu") if spilled is not None else device  # spilled GPU tables: host memory
+            self.stored = [torch.empty(shape, device=home) for shape in self.shapes]
+        buffered = self.stored is None or self.stored[0].device != device
+        self.buffers = [torch.empty(shape[1:], device=device) for shape in self.shapes] if buffered else None
+
+    def __enter__(self) -> "_Tables":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for file in self.files:
+            file.close()
+        for path in self.paths:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        self.stored = self.buffers = None
+
+    def block(self, i: int) -> list[torch.Tensor]:
+        """Writable [writers, rows, positions] of block ``i``, per band."""
+        return self.buffers if self.buffers is not None else [table[i] for table in self.stored]
+
+    def commit(self, i: int) -> None:
+        """Block ``i`` is complete."""
+        if self.files:
+            for file, buffer in zip(self.files, self.buffers):
+                buffer.numpy().tofile(file)
+        elif self.buffers is not None:
+            for table, buffer in zip(self.stored, self.buffers):
+                table[i].copy_(buffer)
+
+    def read(self, b: int, j: int, n_kept: int) -> torch.Tensor:
+        """The [rows, n_kept] table of writer ``j`` of band ``b``, contiguous, on the device."""
+        n_blocks, _, rows, q = self.shapes[b]
+        if self.files:
+            if not self.files[b].closed:
+                for file in self.files:
+                    file.close()
+            stored = np.memmap(self.paths[b], dtype=np.float32, mode="r", shape=self.shapes[b])[:, j]
+            table = torch.from_numpy(np.array(stored.transpose(1, 0, 2), order="C").reshape(rows, n_blocks * q))
+        else:
+            table = self.stored[b][:, j].permute(1, 0, 2).reshape(rows, n_blocks * q)
+        table = table.to(self.device)
+        return table if n_blocks * q == n_kept else table[:, :n_kept].contiguous()
 
 
 class _Spilled:
@@ -877,6 +1103,11 @@ class _Spilled:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def path(self) -> str:
+        """The private directory of the files (CPU tensors)."""
+        return self._tmp.name
 
     def __getitem__(self, i: int) -> _Activations:
         (rows, keep, span), stored = self.items[i]
@@ -927,8 +1158,9 @@ def _dla_direction(bridge, logits: torch.Tensor, scale: Optional[torch.Tensor]) 
     return direction
 
 
-def _scan(nodes, writer_nodes, resid_median, node_median, threshold, writer_min, top_n) -> dict:
-    """Writer scores, cleaned flags and cleaners from the median tables (see the module doc)."""
+def _scan(sublayer: torch.Tensor, writer_nodes, resid_median, node_median, threshold, writer_min, top_n) -> dict:
+    """Writer scores, cleaned flags and cleaners from the median tables (see the module doc); ``sublayer``
+    is every node's write index."""
     n_writers = len(writer_nodes)
     peak_pr = torch.full((n_writers,), math.nan)
     score = torch.zeros(n_writers)
@@ -937,9 +1169,8 @@ def _scan(nodes, writer_nodes, resid_median, node_median, threshold, writer_min,
     cleaners = torch.full((n_writers, top_n), -1, dtype=torch.int64)
     cleaner_pr = torch.full((n_writers, top_n), math.nan)
     resid_median, node_median = resid_median.cpu(), node_median.cpu()
-    sublayer = torch.tensor([node.sublayer for node in nodes])
     for w, node_index in enumerate(writer_nodes):
-        written = nodes[node_index].sublayer + 1
+        written = int(sublayer[node_index]) + 1
         trace = resid_median[w, written:]
         if trace.isnan().all():  # the writer's output is zero at every position: PR undefined
             score[w] = math.nan
@@ -953,7 +1184,7 @@ def _scan(nodes, writer_nodes, resid_median, node_median, threshold, writer_min,
             if bool(peak_pr[w] >= writer_min) and len(below):
                 cleaned[w] = True
                 cleaned_at[w] = written + peak + 1 + int(below[0, 0])
-        candidates = ((sublayer > nodes[node_index].sublayer) & (node_median[w] < 0)).nonzero()[:, 0]
+        candidates = ((sublayer > sublayer[node_index]) & (node_median[w] < 0)).nonzero()[:, 0]
         order = node_median[w, candidates].argsort()[:top_n]
         cleaners[w, : len(order)] = candidates[order]
         cleaner_pr[w, : len(order)] = node_median[w, candidates[order]]
