@@ -11,11 +11,12 @@ Part ``model``: the model and its training loop, on batches made in advance. Con
 * ``lightning``: our ``Transformer`` in ``LitTransformer`` under a Lightning Trainer (no logger, checkpoints
   or progress bar), with ``gradient_clip_val=1.0``;
 * ``bare_loop``: our ``Transformer`` in a bare PyTorch loop: forward, backward, ``clip_grad_norm_(1.0)``,
-  AdamW step (our parameter groups, ``build_optimizer``);
+  AdamW step (our parameter groups, ``build_optimizer``: fused on the CPU and CUDA);
 * ``nanogpt``: :class:`NanoGPT`, a nanoGPT-style GPT written by hand in this file (pre-LN blocks with
   ``nn.LayerNorm``, a fused ``c_attn`` QKV projection, ``F.scaled_dot_product_attention(is_causal=True)``,
   an exact-GELU MLP, learned positions, an untied bias-free ``lm_head``): the same shape and parameter count
-  as ours, in the same bare loop with AdamW of the same settings (decay on matrices only);
+  as ours, in the same bare loop with AdamW of the same settings (decay on matrices only; fused on CUDA
+  only, as nanoGPT does, so on the CPU our fused optimizer is part of the difference);
 * ``transformer_lens``: a TransformerLens ``boot_native`` bridge of the same shape, the same bare loop.
 
 Each contender runs ``--warmup`` untimed steps, then ``--rounds`` rounds of ``--steps`` timed steps; the
@@ -231,7 +232,8 @@ def ours_bare(shape: dict, device, precision) -> BareLoop:
 
 
 def nanogpt_bare(shape: dict, device, precision) -> BareLoop:
-    """The nanoGPT-style model; AdamW with our settings: decay 0.1 on matrices (and embeddings, as nanoGPT)."""
+    """The nanoGPT-style model; AdamW with our settings: decay 0.1 on matrices (and embeddings, as nanoGPT),
+    fused on CUDA only (nanoGPT's ``configure_optimizers`` rule; ours is fused on the CPU too)."""
     torch.manual_seed(0)
     model = NanoGPT(**shape).to(device)
     cfg = OptimConfig()
@@ -239,7 +241,7 @@ def nanogpt_bare(shape: dict, device, precision) -> BareLoop:
     rest = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas),
-                                  eps=cfg.eps)
+                                  eps=cfg.eps, fused=True if torch.device(device).type == "cuda" else None)
     return BareLoop(_maybe_compiled(model.loss), model.parameters(), optimizer, device, precision, model=model)
 
 

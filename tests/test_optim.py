@@ -104,6 +104,35 @@ def test_decay_actually_applies_only_to_decayed_groups():
                      "blocks.0.mlp.w_out.weight", "unembed.weight"}
 
 
+def test_fused_adamw_takes_the_written_out_adamw_steps():
+    # The optimizer is fused on the CPU (one kernel for every update) and its steps are AdamW's, written
+    # out here in float64: decoupled decay p -= lr wd p, then p -= lr m_hat / (sqrt(v_hat) + eps).
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layers=1, d_model=8, n_heads=2, n_ctx=4, d_vocab=10))
+    cfg = OptimConfig(lr=0.01, weight_decay=0.5, warmup_steps=0, decay_norm_params=True)
+    opt = build_optimizer(model, cfg)
+    assert opt.defaults["fused"] is True
+    decay = {id(p): group["weight_decay"] for group in opt.param_groups for p in group["params"]}
+    params = list(model.parameters())
+    ref = [p.detach().double().clone() for p in params]
+    m = [torch.zeros_like(r) for r in ref]
+    v = [torch.zeros_like(r) for r in ref]
+    (b1, b2), eps, lr = cfg.betas, cfg.eps, cfg.lr
+    for t in range(1, 4):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, (p, g) in enumerate(zip(params, grads)):
+            g = g.double()
+            ref[i] -= lr * decay[id(p)] * ref[i]
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            ref[i] -= lr * (m[i] / (1 - b1**t)) / ((v[i] / (1 - b2**t)).sqrt() + eps)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach().double(), r, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("field,value", [("lr", 0.0), ("betas", [0.9]), ("weight_decay", -1),
                                          ("min_lr_ratio", 2.0), ("warmup_steps", -1), ("grad_clip", -1.0)])
 def test_bad_optim_config(field, value):
