@@ -146,7 +146,9 @@ def activation_rates_pass(
     def token_hook(layer: int):
         def measure(pre: torch.Tensor, hook) -> None:
             real = mask[chunk[0]].to(pre.device)
-            positive = ((pre > 0) & real[..., None]).sum()
+            # every positive entry, less those at excluded positions (position 0, padding): two counts of
+            # a bool tensor, never an int64 copy of [rows, pos, d_mlp]
+            positive = torch.count_nonzero(pre > 0) - torch.count_nonzero(pre[~real] > 0)
             positives[layer] = positive if positives[layer] is None else positives[layer] + positive
             widths[layer] = pre.shape[-1]
 
@@ -159,7 +161,7 @@ def activation_rates_pass(
 
         def random_hook(layer: int):
             def measure(pre: torch.Tensor, hook) -> None:
-                random_rates[layer] = (pre > 0).sum() / pre.numel()
+                random_rates[layer] = torch.count_nonzero(pre > 0) / pre.numel()
 
             return measure
 
