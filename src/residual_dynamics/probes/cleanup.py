@@ -137,9 +137,9 @@ class Options:
     top_n:      most cleaners kept per writer (>= 1).
     writers:    node names to treat as writers (``EMBED``, ``POS``, ``L{l}H{h}``, ``L{l}MLP``); null = all.
     max_memory: memory budget of the probe (e.g. "2GB"); null = ``probes.max_memory``.
-    spill:      when the activations of every row do not fit ``max_memory``, record them once and keep
-                them in files (CPU) or host memory (GPU) instead of rerunning the forward for every chunk
-                of writers (see the module doc).
+    spill:      when the tables of every writer do not fit ``max_memory``, record the activations once
+                and keep them and the tables in files (CPU) or host memory (GPU), filled in one sweep,
+                instead of several passes over the writers (see the module doc).
     spill_dir:  the directory of those files; null = the system's temporary directory.
     """
 
