@@ -32,6 +32,7 @@ activation pass <= 1.1x a bare forward; layer_horizon <= 1.2 x (K + 1) bare forw
     python benchmarks/bench_scale.py --models gpt2,pythia-160m --batch 8 --tokens 64
     python benchmarks/bench_scale.py --models gpt2-xl --batch 4 --tokens 64 --probes cleanup,layer_horizon
     python benchmarks/bench_scale.py --models gpt2-medium --probes cleanup --compare-spill   # spill on vs off
+    python benchmarks/bench_scale.py --models gpt2-xl --probes sublayer_ablation --ablation-layers 0,-1
     python benchmarks/bench_scale.py --device cuda --models gpt2,pythia-160m,gpt2-xl --json scale.json
 
 ``--device cuda``: wall times after a synchronize (the ``cpu x fwd`` column then repeats the wall ratio)
@@ -77,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "of torch.cuda.max_memory_allocated above the loaded model")
     parser.add_argument("--pass-only", action="store_true",
                         help="measure residual_norms + activation_rates only as their shared pass, not each alone")
+    parser.add_argument("--ablation-layers", default=None,
+                        help="sublayer_ablation on these layers only (comma-separated; negative counts from the "
+                             "last layer, e.g. 0,-1): each ablated sublayer costs about one forward, 2 n_layers "
+                             "in all (hours on GPT-2 XL here)")
     parser.add_argument("--compare-spill", action="store_true",
                         help="also run cleanup with probes.cleanup.spill=false (one forward per chunk of writers "
                              "when the activations exceed max_memory) next to the default (spilled) one")
@@ -226,6 +231,11 @@ def run_model(args: argparse.Namespace) -> list[dict]:
     if unknown:
         raise SystemExit(f"unknown probes {unknown}; probes: {list(PROBES)}")
     options = {probe: options.get(probe) or PROBES[probe].Options() for probe in wanted}
+    if args.ablation_layers and "sublayer_ablation" in options:
+        import dataclasses
+
+        layers = sorted({int(x) % arch.n_layers for x in args.ablation_layers.split(",")})
+        options["sublayer_ablation"] = dataclasses.replace(options["sublayer_ablation"], layers=layers)
     tokens = torch.randint(0, vocab, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
     tokens = tokens.to(args.device)
 
@@ -269,9 +279,11 @@ def run_model(args: argparse.Namespace) -> list[dict]:
         result = results[next(iter(probes))] if len(probes) == 1 else None
         chunks = getattr(result, "plan", None)
         ks = getattr(result, "ks", None)
+        ablated = getattr(result, "kinds", None)  # sublayer_ablation: the sublayers it ablated
         rows.append(dict(model=name, params=params, tokens=f"{args.batch}x{args.tokens}", probe=label,
                          seconds=seconds, cpu_seconds=cpu, peak_bytes=peak, note=getattr(result, "note", None),
-                         plan=None if chunks is None else repr(chunks), k=None if ks is None else len(ks)))
+                         plan=None if chunks is None else repr(chunks), k=None if ks is None else len(ks),
+                         sublayers=None if ablated is None else len(ablated)))
         del results, result
         units.append(before)
     after = bare()
@@ -321,6 +333,8 @@ def print_table(rows: list[dict]) -> None:
           f"{'time target':<16} {'peak <= 2 GB'}")
     for row in rows:
         note = f"  note: {row['note']}" if row["note"] else ""
+        if row.get("sublayers"):
+            note += f"  ({row['sublayers']} sublayers ablated)"
         mem = "ok" if row["peak_bytes"] <= 2 * gb else "MISSED"
         print(f"{row['model']:<12} {row['tokens']:>7} {row['probe']:<18} {row['seconds']:>8.2f} {row['ratio']:>6.2f} "
               f"{row['cpu_ratio']:>9.2f} {row['peak_bytes'] / gb:>8.2f}  {target(row):<16} {mem}{note}")
@@ -357,6 +371,7 @@ def main(argv=None) -> None:
         command += ["--probes", args.probes] if args.probes else []
         command += ["--max-memory", args.max_memory] if args.max_memory else []
         command += ["--compare-spill"] if args.compare_spill else []
+        command += ["--ablation-layers", args.ablation_layers] if args.ablation_layers else []
         command += ["--pass-only"] if args.pass_only else []
         command += ["--default-heap"] if args.default_heap else []
         started = time.perf_counter()

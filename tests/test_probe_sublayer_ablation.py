@@ -149,6 +149,21 @@ def test_huggingface_zero_ablation_matches_hf_module_hooks(kind):
     assert (result.loss_increase.abs() > 1e-3).all()
 
 
+@pytest.mark.parametrize("mode", ["mean", "zero"])
+def test_chosen_layers_give_the_rows_of_the_full_sweep(mode):
+    # Ablating only the sublayers of some layers gives exactly their rows of the full sweep (the same
+    # clean run, the same means), and only their records.
+    bridge = make_bridge()
+    tokens, attention_mask = padded_tokens()
+    full = sublayer_ablation(bridge, tokens, mode=mode, attention_mask=attention_mask)
+    some = sublayer_ablation(bridge, tokens, mode=mode, attention_mask=attention_mask, layers=[2, 0])
+    assert (some.kinds, some.layers) == (["attn", "mlp", "attn", "mlp"], [0, 0, 2, 2])
+    rows = [i for i, layer in enumerate(full.layers) if layer in (0, 2)]
+    torch.testing.assert_close(some.loss, full.loss[rows], atol=1e-6, rtol=0)
+    torch.testing.assert_close(some.loss_clean, full.loss_clean, atol=1e-6, rtol=0)
+    assert {r.layer for r in some.records()} == {None, 0, 2}
+
+
 def test_records_name_the_mode_and_the_sublayer():
     bridge = make_bridge()
     tokens = random_tokens(2, 6)
@@ -169,6 +184,13 @@ def test_options_are_checked():
         Options(mode="resample").check(arch)
     with pytest.raises(ConfigError, match="max_batch"):
         Options(max_batch=0).check(arch)
+    Options(layers=[0, 2]).check(arch)
+    for layers, message in (([], "non-empty"), ([1, 1], "repeat"), ([3], "0..2"), ([-1], "0..2"), ([0.5], "integer")):
+        with pytest.raises(ConfigError, match="layers") as error:
+            Options(layers=layers).check(arch)
+        assert message in str(error.value)
+    with pytest.raises(ConfigError, match="layers"):  # also when called directly
+        sublayer_ablation(make_bridge(), random_tokens(2, 6), layers=[5])
     with pytest.raises(ValueError, match="mode"):
         sublayer_ablation(make_bridge(), random_tokens(2, 6), mode="resample")
 

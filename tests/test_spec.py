@@ -102,6 +102,7 @@ BAD = [
     (["probes.layer_horizon.mode=bogus"], {}, "probes.layer_horizon.mode"),
     (["probes.layer_horizon.tolerance=-1"], {}, "probes.layer_horizon.tolerance"),
     (["probes.layer_horizon.ks=[0,2]"], {}, "probes.layer_horizon.ks"),
+    (["probes.sublayer_ablation.layers=[0,9]"], {}, "probes.sublayer_ablation.layers"),  # model=small: 4 layers
     (["probes.cleanup.early=sometimes"], {}, "probes.cleanup.early"),
     (["probes.cleanup.spill_dir=/no/such/dir"], {}, "probes.cleanup.spill_dir"),
     (["probes.cleanup.spill=maybe"], {}, "probes.cleanup.spill"),

@@ -22,6 +22,9 @@ p and p + 1 real; see ``logit_lens.scored_predictions``),
 
     loss_increase[s] = loss(s ablated) - loss(clean)
 
+for every sublayer s, or, with ``layers``, for the sublayers of those layers only (the same numbers as in
+the full sweep: every ablation is measured against the same clean run).
+
 Batching: one clean forward (the loss and, for the mean mode, the means m_s, reduced on the device in
 the hooks), then the batch repeated once per sublayer of a chunk, copy c ablating sublayer chunk[c]
 through its own output hook; each copy's loss is computed in a hook on the last block's ``resid_post``
@@ -41,10 +44,11 @@ loss increase; the mode is in the name so that mean- and zero-ablation numbers n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 
+from residual_dynamics.errors import ConfigError
 from residual_dynamics.probes.arch import Arch, Sublayer
 from residual_dynamics.probes.forward import pattern_release_hooks
 from residual_dynamics.probes.common import (
@@ -52,6 +56,7 @@ from residual_dynamics.probes.common import (
     Record,
     check_choice,
     check_int,
+    check_int_list,
     check_max_memory,
     does_not_fit,
     forward_bytes_per_row,
@@ -75,19 +80,40 @@ class Options:
     """The keyword options of :func:`sublayer_ablation` (the ``probes.sublayer_ablation`` section).
 
     mode:       "mean" (replace by the probe batch's mean over real positions) or "zero".
+    layers:     ablate only the sublayers of these layers (distinct layer indices); null = every layer.
+                Each ablated sublayer costs about one forward of the probe batch, so on deep models
+                (GPT-2 XL: 96 sublayers) a few chosen layers are the affordable sweep.
     max_batch:  most rows per ablation forward (>= 1); null = the default of :func:`sublayer_ablation`.
     max_memory: memory budget of the probe (e.g. "2GB"); null = ``probes.max_memory``.
     """
 
     mode: str = "mean"
+    layers: Optional[List[int]] = None
     max_batch: Optional[int] = None
     max_memory: Optional[str] = None
 
     def check(self, arch: Arch) -> None:
         """Raise ConfigError(<option>, message) for a bad value; runs no probe."""
         check_choice(self.mode, "mode", MODES)
+        check_layers(self.layers, arch.n_layers if arch.known else None)
         check_int(self.max_batch, "max_batch", minimum=1, optional=True)
         check_max_memory(self.max_memory)
+
+
+def check_layers(layers, n_layers: Optional[int]) -> None:
+    """None, or a non-empty list of distinct layer indices, each below ``n_layers`` when it is known;
+    ConfigError("layers", ...) otherwise."""
+    if layers is None:
+        return
+    items = check_int_list(layers, "layers")
+    if not items:
+        raise ConfigError("layers", "must be a non-empty list of layer indices or null (every layer), got []")
+    if len(set(items)) != len(items):
+        raise ConfigError("layers", f"must not repeat a layer, got {list(layers)!r}")
+    bad = [layer for layer in items if layer < 0 or (n_layers is not None and layer >= n_layers)]
+    if bad:
+        limit = f"0..{n_layers - 1} (the model has {n_layers} layers)" if n_layers is not None else ">= 0"
+        raise ConfigError("layers", f"layer indices must be in {limit}, got {bad}")
 
 
 _DECODE_COPIES = 3  # [pos, d_vocab] float32 tensors per decoded row: logits, their scored copy, log-softmax
@@ -157,6 +183,7 @@ def sublayer_ablation(
     tokens: torch.Tensor,
     *,
     mode: str = "mean",
+    layers: Optional[Sequence[int]] = None,
     max_batch: Optional[int] = None,
     max_memory: Optional[str] = None,
     attention_mask: Optional[torch.Tensor] = None,
@@ -166,6 +193,8 @@ def sublayer_ablation(
 
     tokens:         [batch, pos] token ids.
     mode:           "mean" or "zero".
+    layers:         ablate only the sublayers of these layers; None = every layer (ConfigError naming
+                    ``layers`` for a bad list).
     max_batch:      most rows per ablation forward: the sublayers are ablated ``max(1, max_batch // batch)``
                     at a time. Default: all at once on an accelerator, one at a time on CPU.
     max_memory:     memory budget (bytes or e.g. "2GB"; default ``DEFAULT_MAX_MEMORY``): caps the copies per
@@ -178,7 +207,8 @@ def sublayer_ablation(
         raise ValueError(f"sublayer_ablation: mode must be one of {MODES}, got {mode!r}")
     arch = Arch.of(bridge) if arch is None else arch
     raise_if_unsupported(unsupported(arch))
-    plan = list(arch.sublayers)
+    check_layers(layers, arch.n_layers)
+    plan = [sub for sub in arch.sublayers if layers is None or sub.layer in set(layers)]
     batch = tokens.shape[0]
     real = position_mask(tokens, attention_mask)
     scored = scored_predictions(tokens, attention_mask)
@@ -208,7 +238,7 @@ def sublayer_ablation(
         return total / n_scored
 
     # Clean pass: the loss (decoded at the last block, like the ablated copies) and the means.
-    sums: list[Optional[torch.Tensor]] = [None] * len(plan)
+    sums: dict[int, Optional[torch.Tensor]] = {sub.index: None for sub in plan}  # by Sublayer.index
     clean: list[torch.Tensor] = []
 
     def accumulate(index: int):
@@ -221,14 +251,14 @@ def sublayer_ablation(
         clean.append(summed_loss(resid))
         stop_forward(resid)
 
-    hooks = [(sub.output_hook, accumulate(i)) for i, sub in enumerate(plan)] if mode == "mean" else []
+    hooks = [(sub.output_hook, accumulate(sub.index)) for sub in plan] if mode == "mean" else []
     hooks.append((last_resid, clean_loss))
     _run(bridge, tokens, hooks, attention_mask)
-    if mode == "mean" and any(total is None for total in sums):
-        missing = [sub.output_hook for sub, total in zip(plan, sums) if total is None]
+    if mode == "mean" and any(sums[sub.index] is None for sub in plan):
+        missing = [sub.output_hook for sub in plan if sums[sub.index] is None]
         raise RuntimeError(f"sublayer_ablation: the output hooks {missing} never fired")
     n_real = int(real.sum())
-    means = [None if total is None else total / n_real for total in sums]
+    means = {index: None if total is None else total / n_real for index, total in sums.items()}
 
     losses = []
     for start in range(0, len(plan), per_forward):
