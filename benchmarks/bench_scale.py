@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import json
 import os
@@ -232,8 +233,6 @@ def run_model(args: argparse.Namespace) -> list[dict]:
         raise SystemExit(f"unknown probes {unknown}; probes: {list(PROBES)}")
     options = {probe: options.get(probe) or PROBES[probe].Options() for probe in wanted}
     if args.ablation_layers and "sublayer_ablation" in options:
-        import dataclasses
-
         layers = sorted({int(x) % arch.n_layers for x in args.ablation_layers.split(",")})
         options["sublayer_ablation"] = dataclasses.replace(options["sublayer_ablation"], layers=layers)
     tokens = torch.randint(0, vocab, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
@@ -265,8 +264,6 @@ def run_model(args: argparse.Namespace) -> list[dict]:
                if not (args.pass_only and "activation pass" in runs and probe in runs["activation pass"])]
     runs.update({probe: {probe: options[probe]} for probe in singles})
     if args.compare_spill and "cleanup" in options:
-        import dataclasses
-
         runs["cleanup, no spill"] = {"cleanup": dataclasses.replace(options["cleanup"], spill=False)}
     for label, probes in runs.items():
         before = bare()  # the bare forwards right before and right after a probe are its unit

@@ -208,7 +208,8 @@ def sublayer_ablation(
     arch = Arch.of(bridge) if arch is None else arch
     raise_if_unsupported(unsupported(arch))
     check_layers(layers, arch.n_layers)
-    plan = [sub for sub in arch.sublayers if layers is None or sub.layer in set(layers)]
+    chosen = None if layers is None else set(layers)
+    plan = [sub for sub in arch.sublayers if chosen is None or sub.layer in chosen]
     batch = tokens.shape[0]
     real = position_mask(tokens, attention_mask)
     scored = scored_predictions(tokens, attention_mask)
